@@ -1,0 +1,69 @@
+"""Process topology and reductions; the only module that imports accelerate / torch.distributed.
+
+Under ``accelerate launch`` (or ``torchrun``, or any initialised process group) CKA batches are
+sharded round-robin: process ``r`` of ``W`` takes global batches ``r, r + W, r + 2W, ...``, so the
+set of minibatches is the one a single process would see and no sample is repeated. Each process
+accumulates its own summable states; :func:`all_reduce_sum` combines them once at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _state():  # noqa: ANN202 - accelerate.PartialState, imported lazily
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _launched() -> bool:
+    """True when the environment describes more than one process (or a group already exists)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def num_processes() -> int:
+    """Number of processes in the run (1 when not launched)."""
+    return _state().num_processes if _launched() else 1
+
+
+def process_index() -> int:
+    """Rank of this process (0 when not launched)."""
+    return _state().process_index if _launched() else 0
+
+
+def is_main_process() -> bool:
+    """Whether this process prints, plots and writes files."""
+    return process_index() == 0
+
+
+def shard(index: int) -> bool:
+    """Whether global batch ``index`` belongs to this process (round-robin)."""
+    return index % num_processes() == process_index()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``values`` over all processes, returned on the CPU.
+
+    A single process returns ``values`` unchanged. The tensor travels on the backend's device
+    (CPU for gloo, the local GPU for nccl) and is summed with one ``all_reduce``.
+    """
+    if num_processes() == 1:
+        return values
+    state = _state()
+    device = state.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
+    buffer = values.to(device).contiguous()
+    torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+    return buffer.cpu()
+
+
+def wait_for_everyone() -> None:
+    """Barrier across processes (no-op for a single process)."""
+    if num_processes() > 1:
+        _state().wait_for_everyone()

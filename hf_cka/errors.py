@@ -1,0 +1,99 @@
+"""Typed exceptions and warnings of hf_cka.
+
+Every exception derives from :class:`HfCkaError` and from the builtin a caller would already
+catch (``KeyError`` for an unknown name, ``ValueError`` for bad input, ...). Messages say what
+was expected, what was got and what to do about it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class HfCkaError(Exception):
+    """Base class of every error raised by hf_cka."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(HfCkaError, OSError):
+    """A model id, local folder or revision could not be resolved."""
+
+
+class RemoteCodeError(HfCkaError, ValueError):
+    """A checkpoint needs ``trust_remote_code=True`` and the user did not opt in."""
+
+
+class MissingDependencyError(HfCkaError, ImportError):
+    """An optional dependency (for instance ``peft``) is not installed."""
+
+
+class LayerNotFoundError(HfCkaError, KeyError):
+    """A requested layer name or index does not exist in the model."""
+
+
+class LayerNotFiredError(HfCkaError, RuntimeError):
+    """A selected layer produced no output during the forward pass."""
+
+
+class ShapeMismatchError(HfCkaError, ValueError):
+    """Tensors that must describe the same samples disagree in shape."""
+
+
+class BatchTooSmallError(HfCkaError, ValueError):
+    """A batch has fewer samples than the unbiased HSIC estimator needs (n >= 4)."""
+
+
+class EmptyDataError(HfCkaError, ValueError):
+    """The data source yielded no usable sample."""
+
+
+class ColumnNotFoundError(HfCkaError, KeyError):
+    """The requested text or image column is missing from a dataset."""
+
+
+class InvalidInputError(HfCkaError, ValueError):
+    """An argument or data item has the wrong type or value."""
+
+
+class TokenizerMismatchError(HfCkaError, ValueError):
+    """``pooling="tokens"`` was asked for models whose tokenizers differ."""
+
+
+class NonFiniteActivationError(HfCkaError, FloatingPointError):
+    """A layer produced NaN or Inf activations."""
+
+
+class DeviceMismatchError(HfCkaError, RuntimeError):
+    """Inputs, models or features are on devices that cannot be combined."""
+
+
+class MemoryBudgetError(HfCkaError, MemoryError):
+    """The requested estimator would need more memory than allowed."""
+
+
+class ResultFormatError(HfCkaError, ValueError):
+    """A saved or downloaded result is malformed or from an unknown schema."""
+
+
+class HubPushError(HfCkaError, OSError):
+    """Publishing a result to the Hub failed; the local copy is kept and named in the message."""
+
+
+class ConstantLayerWarning(UserWarning):
+    """A layer has (numerically) zero variance on the data: its CKA cells are undefined (NaN)."""
+
+
+class EstimatorWarning(UserWarning):
+    """The chosen estimator is known to be biased for this data shape (e.g. biased CKA, n < d)."""
+
+
+def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """Return ``" Did you mean 'a' or 'b'?"`` for close matches of ``name``, or ``""``."""
+    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    quoted = [f"'{m}'" for m in matches]
+    return " Did you mean " + (" or ".join(quoted) if len(quoted) < 3 else ", ".join(quoted)) + "?"

@@ -1,0 +1,172 @@
+"""Pure tensor math of CKA: Gram matrices, centering, HSIC estimators and full-data CKA.
+
+Conventions follow Kornblith et al. (2019), "Similarity of Neural Network Representations
+Revisited". For features ``X (n, p)`` and ``Y (n, q)`` with Gram matrices ``K`` and ``L``:
+
+* biased HSIC:   ``HSIC_b(K, L) = tr(K H L H) / (n - 1)^2`` with ``H = I - 11^T / n``;
+* unbiased HSIC (Song et al. 2012), written with U-centering (Szekely & Rizzo 2014):
+  ``HSIC_u(K, L) = <U(K), U(L)>_F / (n (n - 3))`` where ``U(K)_ij = K~_ij - r_i / (n - 2)
+  - r_j / (n - 2) + s / ((n - 1)(n - 2))`` off the diagonal and ``0`` on it, ``K~`` is ``K``
+  with a zeroed diagonal, ``r = K~ 1`` and ``s = 1^T K~ 1``;
+* ``CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``.
+
+Every function computes in float64 whatever the input dtype. Functions taking Gram matrices
+accept a leading batch dimension (``(..., n, n)``) so that all layers are handled at once.
+This module imports only torch: no ``torch.nn``, transformers or accelerate.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .errors import BatchTooSmallError, InvalidInputError, ShapeMismatchError
+
+Kernel = Literal["linear", "rbf"]
+KERNELS: tuple[str, ...] = ("linear", "rbf")
+
+
+def as_features(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` as a float64 ``(n, d)`` matrix (trailing dimensions are flattened)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if x.dim() == 0:
+        raise ShapeMismatchError(
+            "expected features of shape (n_samples, dim), got a scalar; pass one row per sample"
+        )
+    x = x.detach()
+    if x.dim() == 1:
+        x = x[:, None]
+    elif x.dim() > 2:
+        x = x.reshape(x.shape[0], -1)
+    return x.to(torch.float64)
+
+
+def gram_linear(x: torch.Tensor) -> torch.Tensor:
+    """Linear kernel Gram matrix ``K = X X^T`` in float64."""
+    x = as_features(x)
+    return x @ x.T
+
+
+def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """RBF Gram matrix ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2))`` in float64.
+
+    The bandwidth follows Kornblith et al.: ``sigma^2 = threshold^2 * median(D)`` where ``D`` is
+    the full ``(n, n)`` matrix of squared pairwise distances (diagonal zeros included).
+    """
+    if threshold <= 0:
+        raise InvalidInputError(f"expected an RBF threshold > 0, got {threshold}")
+    x = as_features(x)
+    dots = x @ x.T
+    sq_norms = torch.diagonal(dots)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * dots).clamp_min_(0.0)
+    sigma2 = threshold**2 * _median(sq_dist)
+    if sigma2 == 0:  # all samples identical: the kernel is constant, CKA is undefined
+        return torch.ones_like(sq_dist)
+    return torch.exp(-sq_dist / (2.0 * sigma2))
+
+
+def gram(x: torch.Tensor, kernel: Kernel = "linear", threshold: float = 1.0) -> torch.Tensor:
+    """Gram matrix of ``x`` for ``kernel`` in ``{"linear", "rbf"}``."""
+    if kernel == "linear":
+        return gram_linear(x)
+    if kernel == "rbf":
+        return gram_rbf(x, threshold)
+    raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
+
+
+def center_gram(k: torch.Tensor) -> torch.Tensor:
+    """Double-centred Gram matrix ``H K H`` (``H = I - 11^T / n``) over the last two dims."""
+    k = k.to(torch.float64)
+    row_means = k.mean(dim=-1, keepdim=True)
+    col_means = k.mean(dim=-2, keepdim=True)
+    return k - row_means - col_means + row_means.mean(dim=-2, keepdim=True)
+
+
+def u_center_gram(k: torch.Tensor) -> torch.Tensor:
+    """U-centred Gram matrix ``U(K)`` (Szekely & Rizzo 2014) over the last two dims.
+
+    ``U(K)_ij = K~_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2))`` for ``i != j`` and ``0`` on the
+    diagonal, with ``K~ = K - diag(K)``, ``r = K~ 1``, ``s = 1^T K~ 1``. Needs ``n >= 4``.
+    """
+    n = k.shape[-1]
+    if n < 4:
+        raise BatchTooSmallError(
+            f"the unbiased HSIC estimator needs at least 4 samples per batch, got {n}; "
+            "use a larger batch or debiased=False"
+        )
+    k = k.to(torch.float64).clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    row_sums = k.sum(dim=-1)
+    total = row_sums.sum(dim=-1)
+    k -= row_sums[..., :, None] / (n - 2)
+    k -= row_sums[..., None, :] / (n - 2)
+    k += (total / ((n - 1) * (n - 2)))[..., None, None]
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    return k
+
+
+def hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
+    """Biased HSIC ``tr(K H L H) / (n - 1)^2`` (Gretton et al. 2005)."""
+    n = k.shape[-1]
+    return (center_gram(k) * l.to(torch.float64)).sum(dim=(-2, -1)) / (n - 1) ** 2
+
+
+def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
+    """Unbiased HSIC ``<U(K), U(L)> / (n (n - 3))`` (Song et al. 2012)."""
+    n = k.shape[-1]
+    return (u_center_gram(k) * u_center_gram(l)).sum(dim=(-2, -1)) / (n * (n - 3))
+
+
+def cka(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    kernel: Kernel = "linear",
+    debiased: bool = False,
+    threshold: float = 1.0,
+) -> torch.Tensor:
+    """Full-data CKA of ``x (n, p)`` and ``y (n, q)`` as a float64 scalar tensor.
+
+    ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with the biased HSIC by default and the
+    unbiased one (U-centering) when ``debiased=True``; the ``1/(n-1)^2`` and ``1/(n(n-3))``
+    factors cancel in the ratio. ``kernel="rbf"`` uses ``sigma^2 = threshold^2 * median`` of
+    the squared pairwise distances. The value is never clamped: a debiased estimate can be
+    slightly negative. It is NaN when either representation is constant over the samples.
+
+    Args:
+        x: features of the first representation, one row per sample.
+        y: features of the second representation for the same samples, in the same order.
+        kernel: ``"linear"`` or ``"rbf"``.
+        debiased: use the unbiased HSIC estimator (Song et al. 2012); needs ``n >= 4``.
+        threshold: RBF bandwidth as a fraction of the median distance.
+
+    Returns:
+        A 0-d float64 tensor.
+    """
+    x, y = as_features(x), as_features(y)
+    if x.shape[0] != y.shape[0]:
+        raise ShapeMismatchError(
+            f"x and y must have one row per sample for the same samples, got {x.shape[0]} and "
+            f"{y.shape[0]} rows"
+        )
+    if kernel == "linear":  # CKA is scale invariant: rescale to keep float64 far from overflow
+        x, y = _unit_scale(x), _unit_scale(y)
+    k, l = gram(x, kernel, threshold), gram(y, kernel, threshold)  # noqa: E741
+    center = u_center_gram if debiased else center_gram
+    kc, lc = center(k), center(l)
+    return (kc * lc).sum() / (kc.norm() * lc.norm())
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """Median of all entries, averaging the two middle ones for an even count (as numpy does)."""
+    values = x.reshape(-1).sort().values
+    count = values.numel()
+    return (values[(count - 1) // 2] + values[count // 2]) / 2
+
+
+def _unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """Divide ``x`` by its largest absolute entry (a no-op for an all-zero ``x``)."""
+    scale = x.abs().max()
+    return x / scale if scale > 0 else x

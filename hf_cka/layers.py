@@ -1,0 +1,141 @@
+"""Layer discovery and layer-name resolution.
+
+The default layers of a model are its embedding output plus the output of every transformer
+block, in depth order -- the same positions as ``output_hidden_states`` (index ``i`` is
+``hidden_states[i]``), but taken from the blocks themselves so the last entry is the last
+block's output, not a final norm. The blocks are the longest ``nn.ModuleList`` of modules of one
+class (``encoder.layer`` in BERT/RoBERTa/ViT, ``transformer.layer`` in DistilBERT, ``h`` in
+GPT-2, ``layers`` in GPT-NeoX/Llama/Mistral/Qwen2, ``encoder.block`` in T5); encoder-decoder
+models use their encoder unless ``part="decoder"``. The embedding output is recorded as the input
+of the first block (``"encoder.layer.0:input"``), which is exactly what block 0 receives in every
+family (T5 and GPT-2 apply dropout after the embedding lookup, Gemma scales it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+
+from .errors import InvalidInputError, LayerNotFoundError, suggest
+from .hooks import INPUT_SUFFIX, split_spec
+
+Part = Literal["encoder", "decoder"]
+LayerSpec = str | int
+
+
+def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
+    """Module path of the transformer blocks of ``model``.
+
+    Picks the longest ``nn.ModuleList`` whose children all share one class; for models with both
+    an encoder and a decoder, lists under a ``decoder`` path are skipped unless
+    ``part="decoder"`` (and then only those are considered).
+
+    Raises:
+        LayerNotFoundError: no such list exists; the message lists the top-level modules.
+    """
+    if part not in ("encoder", "decoder"):
+        raise InvalidInputError(f"expected part 'encoder' or 'decoder', got {part!r}")
+    candidates = [
+        (name, len(module))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(child) for child in module}) == 1
+    ]
+    is_decoder = lambda name: "decoder" in name.split(".")  # noqa: E731
+    has_decoder = any(is_decoder(name) for name, _ in candidates)
+    if has_decoder and any(not is_decoder(name) for name, _ in candidates):
+        candidates = [(n, k) for n, k in candidates if is_decoder(n) == (part == "decoder")]
+    if not candidates:
+        children = [name for name, _ in model.named_children()]
+        raise LayerNotFoundError(
+            f"found no list of transformer blocks in {type(model).__name__}; pass layer names "
+            f"explicitly (top-level modules: {children})"
+        )
+    # longest list; among equals the outermost (shortest path), then the first registered
+    return max(candidates, key=lambda item: (item[1], -item[0].count(".")))[0]
+
+
+def default_layers(model: nn.Module, part: Part = "encoder") -> list[str]:
+    """Embedding output plus every block output: ``[blocks.0:input, blocks.0, ..., blocks.L-1]``.
+
+    Models without a list of blocks (plain ``nn.Module``s) get their direct children instead.
+    """
+    try:
+        blocks = find_blocks(model, part)
+    except LayerNotFoundError:
+        children = [name for name, _ in model.named_children()]
+        if not children:
+            raise
+        return children
+    count = len(model.get_submodule(blocks))
+    return [f"{blocks}.0{INPUT_SUFFIX}"] + [f"{blocks}.{i}" for i in range(count)]
+
+
+def resolve_layers(
+    model: nn.Module,
+    layers: str | Sequence[LayerSpec] | None = "auto",
+    *,
+    model_name: str | None = None,
+    part: Part = "encoder",
+) -> list[str]:
+    """Turn ``"auto"``/``None``, names and indices into validated layer specs.
+
+    Integers index the default layer list (``0`` is the embedding output, ``i`` the output of
+    block ``i - 1``, ``-1`` the last block), like ``output_hidden_states``. Names are module
+    paths, optionally with ``":input"``.
+
+    Raises:
+        LayerNotFoundError: an unknown name or an out-of-range index, with suggestions.
+    """
+    if layers is None or (isinstance(layers, str) and layers == "auto"):
+        return default_layers(model, part)
+    if isinstance(layers, (str, int)):
+        layers = [layers]
+    modules = dict(model.named_modules())
+    defaults: list[str] | None = None
+    resolved = []
+    label = model_name or type(model).__name__
+    for spec in layers:
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            defaults = defaults if defaults is not None else default_layers(model, part)
+            if not -len(defaults) <= spec < len(defaults):
+                raise LayerNotFoundError(
+                    f"layer index {spec} is out of range for {label}: it has {len(defaults)} "
+                    f"default layers (embedding output + blocks), so use -{len(defaults)} to "
+                    f"{len(defaults) - 1}"
+                )
+            resolved.append(defaults[spec])
+            continue
+        if not isinstance(spec, str):
+            raise InvalidInputError(
+                f"expected layer names (str) or indices (int), got {type(spec).__name__}"
+            )
+        path, _ = split_spec(spec)
+        if path not in modules or path == "":
+            raise LayerNotFoundError(_unknown_layer_message(path, modules, label))
+        resolved.append(spec)
+    if len(set(resolved)) != len(resolved):
+        raise InvalidInputError(f"layers must be distinct, got {resolved}")
+    return resolved
+
+
+def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str) -> str:
+    names = [name for name in modules if name]
+    hint = ""
+    match = re.fullmatch(r"(.+)\.(\d+)", path)
+    if match and isinstance(modules.get(match.group(1)), nn.ModuleList):
+        size = len(modules[match.group(1)])
+        hint = f" Did you mean '{match.group(1)}.{size - 1}'? ({match.group(1)} has {size} blocks)"
+    try:
+        blocks = find_blocks(modules[""]) if "" in modules else None
+        count = f" ({len(modules[blocks])} blocks)" if blocks else ""
+    except LayerNotFoundError:
+        count = ""
+    return (
+        f"layer '{path}' not found in {label}{count}; expected a module path from "
+        f"model.named_modules().{hint or suggest(path, names)}"
+    )
