@@ -1,0 +1,436 @@
+"""``AutoCKA``: compare Hugging Face models (Hub ids, local folders, revisions) in one line.
+
+Data flow per run: samples -> global CKA batches (round-robin over processes) -> chunks of a few
+batches -> per model: encode once, forward in length-sorted sub-batches, pool inside the hooks,
+put the pooled rows back in sample order -> split into the CKA batches -> ``MinibatchCKA``.
+Sorting by length only changes which padded forward batches run, never which samples form a CKA
+minibatch, so the result equals the unsorted run (mask-aware pooling ignores the padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from . import distributed
+from .data import batch_samples, collate, encode, lengths, load_samples, same_tokens
+from .engine import forward_features
+from .errors import InvalidInputError, TokenizerMismatchError
+from .hooks import FeatureCapture, split_spec
+from .layers import LayerSpec, Part, resolve_layers
+from .metric import MinibatchCKA
+from .models import LoadedModel, load_model, parse_model_spec
+from .pooling import check_pooling
+
+Callback = Callable[[int, int, torch.Tensor], None]
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_LENGTH = 128
+ESTIMATOR = "minibatch-unbiased-hsic"
+
+
+class _Extractor:
+    """Pooled features of one model for chunks of CKA batches (hooks live in ``with``)."""
+
+    def __init__(self, loaded: LoadedModel, layers: Sequence[str], pooling: str) -> None:
+        self.loaded, self.layers, self.pooling = loaded, list(dict.fromkeys(layers)), pooling
+        model = loaded.model
+        self.use_decoder = bool(getattr(model.config, "is_encoder_decoder", False)) and any(
+            split_spec(spec)[0].split(".")[0] == "decoder" for spec in self.layers
+        )
+        is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
+        self.forward_module = model.get_encoder() if is_enc_dec and not self.use_decoder else model
+        self.capture = FeatureCapture(model, self.layers, pooling, device=torch.device("cpu"))
+
+    def __enter__(self) -> _Extractor:
+        self.capture.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.capture.remove()
+
+    def encode(self, samples: Sequence[Any], max_length: int | None) -> Any:
+        return encode(self.loaded.processor, samples, self.loaded.modality, max_length)
+
+    def _forward(self, encodings: Any, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = collate(self.loaded.processor, encodings, indices, self.loaded.modality)
+        if self.use_decoder:
+            batch["decoder_input_ids"] = batch["input_ids"]
+            batch["decoder_attention_mask"] = batch["attention_mask"]
+        return forward_features(self.forward_module, self.capture, batch)
+
+    def chunk_features(
+        self, encodings: Any, sizes: Sequence[int], batch_size: int, sort: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """Features of consecutive CKA batches of ``sizes`` samples (encoded in ``encodings``).
+
+        With ``sort`` the forward passes run over the chunk sorted by length (longest first,
+        ``batch_size`` samples each) and the pooled rows are put back in sample order.
+        """
+        bounds = [0, *itertools.accumulate(sizes)]
+        if not sort or self.pooling == "tokens":
+            return [self._forward(encodings, range(s, e)) for s, e in zip(bounds, bounds[1:])]
+        total = bounds[-1]
+        order = sorted(range(total), key=lengths(encodings, self.loaded.modality).__getitem__)
+        order.reverse()
+        buffers: dict[str, torch.Tensor] = {}
+        for start in range(0, total, batch_size):
+            indices = order[start : start + batch_size]
+            for spec, rows in self._forward(encodings, indices).items():
+                if spec not in buffers:
+                    buffers[spec] = rows.new_empty((total, *rows.shape[1:]))
+                buffers[spec][indices] = rows
+        return [{k: v[s:e] for k, v in buffers.items()} for s, e in zip(bounds, bounds[1:])]
+
+
+def _chunks(batches: Iterable[list[Any]], chunk_batches: int) -> Iterator[list[list[Any]]]:
+    """This process's CKA batches (round-robin shard) grouped ``chunk_batches`` at a time."""
+    chunk: list[list[Any]] = []
+    for index, batch in enumerate(batches):
+        if not distributed.shard(index):
+            continue
+        chunk.append(batch)
+        if len(chunk) == chunk_batches:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("hf_cka", "torch", "transformers", "datasets", "accelerate", "huggingface_hub"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+class AutoCKA:
+    """Minibatch CKA between the layers of two Hugging Face models.
+
+    Build it with :meth:`from_pretrained`; :meth:`compare` returns a :class:`~hf_cka.CKAResult`.
+    """
+
+    def __init__(
+        self,
+        model_a: LoadedModel,
+        model_b: LoadedModel | None = None,
+        *,
+        layers_a: str | Sequence[LayerSpec] = "auto",
+        layers_b: str | Sequence[LayerSpec] = "auto",
+        pooling: str = "mean",
+        part_a: Part = "encoder",
+        part_b: Part = "encoder",
+        token: str | bool | None = None,
+    ) -> None:
+        self.model_a = model_a
+        self.model_b = model_b if model_b is not None else model_a
+        self.same_model = self.model_b is self.model_a
+        self.pooling = check_pooling(pooling)
+        self.layers_a = resolve_layers(model_a.model, layers_a, model_name=model_a.name, part=part_a)
+        self.layers_b = resolve_layers(
+            self.model_b.model, layers_b, model_name=self.model_b.name, part=part_b
+        )
+        self._token = token  # used for dataset downloads only; never stored in results
+        if pooling == "tokens" and not self.same_model:
+            self._check_same_tokenizer()
+
+    def __repr__(self) -> str:
+        return (
+            f"AutoCKA(model_a={self.model_a.name!r}, model_b={self.model_b.name!r}, "
+            f"layers={len(self.layers_a)}x{len(self.layers_b)}, pooling={self.pooling!r})"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_a: str,
+        model_b: str | None = None,
+        *,
+        revision_a: str | None = None,
+        revision_b: str | None = None,
+        layers_a: str | Sequence[LayerSpec] = "auto",
+        layers_b: str | Sequence[LayerSpec] = "auto",
+        pooling: str = "mean",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+        part_a: Part = "encoder",
+        part_b: Part = "encoder",
+    ) -> AutoCKA:
+        """Resolve and load both models (and their tokenizers or image processors).
+
+        ``model_b=None`` -- or the same id and revision as ``model_a`` -- compares a model with
+        itself: it is loaded once and runs one forward pass per batch. Either id may be
+        ``"repo@revision"``. ``dtype=None`` keeps the checkpoint's dtype; accumulation is float64
+        whatever it is.
+        """
+        check_pooling(pooling)
+        options = {
+            "dtype": dtype,
+            "device": device,
+            "device_map": device_map,
+            "trust_remote_code": trust_remote_code,
+            "token": token,
+        }
+        loaded_a = load_model(model_a, revision=revision_a, **options)
+        loaded_b = None
+        if model_b is not None:
+            name_b, rev_b = parse_model_spec(model_b, revision_b)
+            same = name_b == loaded_a.name and (rev_b or None) == (loaded_a.revision or None)
+            if not same:
+                loaded_b = load_model(model_b, revision=revision_b, **options)
+        return cls(
+            loaded_a,
+            loaded_b,
+            layers_a=layers_a,
+            layers_b=layers_b,
+            pooling=pooling,
+            part_a=part_a,
+            part_b=part_b,
+            token=token,
+        )
+
+    def _check_same_tokenizer(self) -> None:
+        tok_a, tok_b = self.model_a.processor, self.model_b.processor
+        if self.model_a.modality != "text" or self.model_b.modality != "text":
+            raise TokenizerMismatchError("pooling='tokens' needs two text models")
+        if tok_a.get_vocab() != tok_b.get_vocab():
+            raise TokenizerMismatchError(
+                f"pooling='tokens' makes every token a sample, so both models must tokenize "
+                f"identically; '{self.model_a.name}' and '{self.model_b.name}' have different "
+                "vocabularies: use pooling='mean' (or 'last', 'max', 'first')"
+            )
+
+    # ------------------------------------------------------------------ running
+    def _batches(self, data: Any, batch_size: int, num_samples: int | None, **load: Any) -> tuple:
+        samples, info = load_samples(
+            data,
+            num_samples=num_samples,
+            modality=self.model_a.modality,
+            token=self._token,
+            **load,
+        )
+        return batch_samples(samples, batch_size), info
+
+    def _paired_features(
+        self,
+        batches: Iterable[list[Any]],
+        *,
+        batch_size: int,
+        max_length: int | None,
+        sort_by_length: bool,
+        chunk_batches: int,
+    ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per CKA batch: the pooled features of model A's and model B's layers."""
+        with contextlib.ExitStack() as stack:
+            if self.same_model:
+                layers = [*self.layers_a, *self.layers_b]
+                ext_a = ext_b = stack.enter_context(_Extractor(self.model_a, layers, self.pooling))
+            else:
+                ext_a = stack.enter_context(_Extractor(self.model_a, self.layers_a, self.pooling))
+                ext_b = stack.enter_context(_Extractor(self.model_b, self.layers_b, self.pooling))
+            for chunk in _chunks(batches, chunk_batches):
+                samples = [s for batch in chunk for s in batch]
+                sizes = [len(batch) for batch in chunk]
+                enc_a = ext_a.encode(samples, max_length)
+                feats_a = ext_a.chunk_features(enc_a, sizes, batch_size, sort_by_length)
+                if ext_b is ext_a:
+                    feats_b = feats_a
+                else:
+                    enc_b = ext_b.encode(samples, max_length)
+                    if self.pooling == "tokens" and not same_tokens(enc_a, enc_b):
+                        raise TokenizerMismatchError(
+                            "pooling='tokens' needs identical tokenization, but the two "
+                            "tokenizers split these texts differently; use pooling='mean'"
+                        )
+                    feats_b = ext_b.chunk_features(enc_b, sizes, batch_size, sort_by_length)
+                for fa, fb in zip(feats_a, feats_b, strict=True):
+                    yield [fa[s] for s in self.layers_a], [fb[s] for s in self.layers_b]
+
+    def compare(
+        self,
+        data: Any = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int | None = DEFAULT_MAX_LENGTH,
+        num_samples: int | None = None,
+        text_column: str = "text",
+        dataset_config: str | None = None,
+        split: str | None = None,
+        callback: Callback | None = None,
+        progress: bool = True,
+        sort_by_length: bool = True,
+        chunk_batches: int = 8,
+        kernel: str = "linear",
+        threshold: float = 1.0,
+    ) -> Any:
+        """Minibatch CKA of every layer pair over ``data``; returns a ``CKAResult``.
+
+        Args:
+            data: ``None`` (built-in probe corpus), a list of strings (or images), a
+                ``datasets.Dataset``/``IterableDataset``, a local data file or folder, or a Hub
+                dataset id.
+            batch_size: samples per CKA minibatch (>= 4); also the forward batch size.
+            max_length: truncate texts to this many tokens (``None``: the model's limit).
+            num_samples: use at most this many samples.
+            text_column: the dataset column holding texts (images are found automatically).
+            dataset_config: Hub dataset configuration name.
+            split: dataset split (default ``"train"`` or the first one).
+            callback: ``callback(batch_idx, total, current_matrix)`` after every batch (this
+                process's partial matrix in a distributed run).
+            progress: show a progress bar (main process only).
+            sort_by_length: run forward passes over length-sorted sub-batches of a chunk
+                (faster; the CKA minibatches and the result are unchanged).
+            chunk_batches: CKA batches per sorting chunk.
+            kernel: ``"linear"`` or ``"rbf"`` (bandwidth: ``threshold`` x per-batch median).
+            threshold: RBF bandwidth factor.
+        """
+        started = time.perf_counter()
+        batches, info = self._batches(
+            data, batch_size, num_samples, text_column=text_column,
+            dataset_config=dataset_config, split=split,
+        )  # fmt: skip
+        self_similarity = self.same_model and self.layers_a == self.layers_b
+        metric = MinibatchCKA(
+            len(self.layers_a),
+            None if self_similarity else len(self.layers_b),
+            kernel=kernel,  # type: ignore[arg-type]
+            threshold=threshold,
+            layer_names_a=self.layers_a,
+            layer_names_b=self.layers_b,
+        )
+        total = _expected_batches(info.get("size"), batch_size)
+        show = progress and distributed.is_main_process()
+        stream = self._paired_features(
+            batches,
+            batch_size=batch_size,
+            max_length=max_length,
+            sort_by_length=sort_by_length,
+            chunk_batches=chunk_batches,
+        )
+        from tqdm.auto import tqdm
+
+        for index, (feats_a, feats_b) in enumerate(
+            tqdm(stream, total=total, disable=not show, desc="CKA", unit="batch"), start=1
+        ):
+            metric.update(feats_a, None if self_similarity else feats_b)
+            if callback is not None:
+                callback(index, total or -1, metric.compute())
+        metric.sync(distributed.all_reduce_sum)
+        metadata = self._metadata(
+            info,
+            metric,
+            batch_size=batch_size,
+            max_length=max_length,
+            kernel=kernel,
+            threshold=threshold,
+            wall_time_s=time.perf_counter() - started,
+        )
+        return self._result(metric, metadata)
+
+    def _result(self, metric: MinibatchCKA, metadata: dict[str, Any]) -> Any:
+        from .result import CKAResult
+
+        return CKAResult(
+            matrix=metric.compute(),
+            layers_a=list(self.layers_a),
+            layers_b=list(self.layers_b),
+            model_a=self.model_a.name,
+            model_b=self.model_b.name,
+            metadata=metadata,
+            stderr=metric.compute_stderr() if metric.n_batches >= 2 else None,
+        )
+
+    def _metadata(
+        self, info: dict[str, Any], metric: MinibatchCKA, **run: Any
+    ) -> dict[str, Any]:
+        from .result import new_run_id
+
+        a, b = self.model_a, self.model_b
+        return {
+            "model_a": a.name,
+            "model_b": b.name,
+            "revision_a": a.revision,
+            "revision_b": b.revision,
+            "commit_sha_a": a.commit_sha,
+            "commit_sha_b": b.commit_sha,
+            "dtype": a.dtype if a.dtype == b.dtype else f"{a.dtype}/{b.dtype}",
+            "pooling": self.pooling,
+            "estimator": ESTIMATOR,
+            "dataset": info.get("dataset"),
+            "dataset_config": info.get("dataset_config"),
+            "split": info.get("split"),
+            "text_column": info.get("text_column"),
+            "n_samples": metric.n_samples,
+            "n_batches": metric.n_batches,
+            "num_processes": distributed.num_processes(),
+            "versions": _library_versions(),
+            "run_id": new_run_id(),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **run,
+        }
+
+    def extract_features(
+        self,
+        data: Any = None,
+        *,
+        model: str = "a",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int | None = DEFAULT_MAX_LENGTH,
+        num_samples: int | None = None,
+        text_column: str = "text",
+        dataset_config: str | None = None,
+        split: str | None = None,
+        sort_by_length: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """The pooled per-layer features ``{layer: (n, d)}`` exactly as CKA sees them.
+
+        Runs on every sample in this process (no sharding); rows follow the data order.
+        """
+        if model not in ("a", "b"):
+            raise InvalidInputError(f"expected model='a' or 'b', got {model!r}")
+        loaded, layers = (
+            (self.model_a, self.layers_a) if model == "a" else (self.model_b, self.layers_b)
+        )
+        samples, _ = load_samples(
+            data,
+            num_samples=num_samples,
+            modality=loaded.modality,
+            token=self._token,
+            text_column=text_column,
+            dataset_config=dataset_config,
+            split=split,
+        )
+        rows: dict[str, list[torch.Tensor]] = {spec: [] for spec in layers}
+        with _Extractor(loaded, layers, self.pooling) as extractor:
+            for batch in batch_samples(samples, batch_size):
+                encodings = extractor.encode(batch, max_length)
+                (feats,) = extractor.chunk_features(
+                    encodings, [len(batch)], batch_size, sort_by_length
+                )
+                for spec in layers:
+                    rows[spec].append(feats[spec])
+        return {spec: torch.cat(parts) for spec, parts in rows.items()}
+
+
+def _expected_batches(size: int | None, batch_size: int) -> int | None:
+    """Number of CKA batches this process will see, when the data size is known."""
+    if size is None:
+        return None
+    full = max(1, size // batch_size) if size % batch_size < 4 else math.ceil(size / batch_size)
+    world, rank = distributed.num_processes(), distributed.process_index()
+    return len(range(rank, full, world))
