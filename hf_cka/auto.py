@@ -34,6 +34,10 @@ Callback = Callable[[int, int, torch.Tensor], None]
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_LENGTH = 128
 ESTIMATOR = "minibatch-unbiased-hsic"
+DRIFT_METADATA = (
+    "pooling", "estimator", "dataset", "dataset_config", "split", "n_samples", "n_batches",
+    "batch_size", "max_length", "num_processes", "versions", "run_id", "created_at", "wall_time_s",
+)  # fmt: skip
 
 
 class _Extractor:
@@ -76,7 +80,7 @@ class _Extractor:
         """
         bounds = [0, *itertools.accumulate(sizes)]
         if not sort or self.pooling == "tokens":
-            return [self._forward(encodings, range(s, e)) for s, e in zip(bounds, bounds[1:])]
+            return [self._forward(encodings, range(s, e)) for s, e in itertools.pairwise(bounds)]
         total = bounds[-1]
         order = sorted(range(total), key=lengths(encodings, self.loaded.modality).__getitem__)
         order.reverse()
@@ -87,7 +91,7 @@ class _Extractor:
                 if spec not in buffers:
                     buffers[spec] = rows.new_empty((total, *rows.shape[1:]))
                 buffers[spec][indices] = rows
-        return [{k: v[s:e] for k, v in buffers.items()} for s, e in zip(bounds, bounds[1:])]
+        return [{k: v[s:e] for k, v in buffers.items()} for s, e in itertools.pairwise(bounds)]
 
 
 def _chunks(batches: Iterable[list[Any]], chunk_batches: int) -> Iterator[list[list[Any]]]:
@@ -102,6 +106,38 @@ def _chunks(batches: Iterable[list[Any]], chunk_batches: int) -> Iterator[list[l
             chunk = []
     if chunk:
         yield chunk
+
+
+def _stream(
+    extractors: Sequence[_Extractor],
+    batches: Iterable[list[Any]],
+    *,
+    batch_size: int,
+    max_length: int | None,
+    sort_by_length: bool,
+    chunk_batches: int,
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per CKA batch of this process: one ``{layer: features}`` dict per extractor.
+
+    Every extractor encodes the same samples with its own preprocessor and runs ONE forward pass
+    per forward batch, however many comparisons use its features.
+    """
+    for chunk in _chunks(batches, chunk_batches):
+        samples = [sample for batch in chunk for sample in batch]
+        sizes = [len(batch) for batch in chunk]
+        per_model, first_encoding = [], None
+        for extractor in extractors:
+            encodings = extractor.encode(samples, max_length)
+            if extractor.pooling == "tokens":
+                first_encoding = first_encoding or encodings
+                if not same_tokens(first_encoding, encodings):
+                    raise TokenizerMismatchError(
+                        "pooling='tokens' needs identical tokenization, but the tokenizers split "
+                        "these texts differently; use pooling='mean' (or 'last', 'max', 'first')"
+                    )
+            per_model.append(extractor.chunk_features(encodings, sizes, batch_size, sort_by_length))
+        for index in range(len(chunk)):
+            yield [features[index] for features in per_model]
 
 
 def _library_versions() -> dict[str, str]:
@@ -138,7 +174,9 @@ class AutoCKA:
         self.model_b = model_b if model_b is not None else model_a
         self.same_model = self.model_b is self.model_a
         self.pooling = check_pooling(pooling)
-        self.layers_a = resolve_layers(model_a.model, layers_a, model_name=model_a.name, part=part_a)
+        self.layers_a = resolve_layers(
+            model_a.model, layers_a, model_name=model_a.name, part=part_a
+        )
         self.layers_b = resolve_layers(
             self.model_b.model, layers_b, model_name=self.model_b.name, part=part_b
         )
@@ -216,51 +254,6 @@ class AutoCKA:
             )
 
     # ------------------------------------------------------------------ running
-    def _batches(self, data: Any, batch_size: int, num_samples: int | None, **load: Any) -> tuple:
-        samples, info = load_samples(
-            data,
-            num_samples=num_samples,
-            modality=self.model_a.modality,
-            token=self._token,
-            **load,
-        )
-        return batch_samples(samples, batch_size), info
-
-    def _paired_features(
-        self,
-        batches: Iterable[list[Any]],
-        *,
-        batch_size: int,
-        max_length: int | None,
-        sort_by_length: bool,
-        chunk_batches: int,
-    ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """Per CKA batch: the pooled features of model A's and model B's layers."""
-        with contextlib.ExitStack() as stack:
-            if self.same_model:
-                layers = [*self.layers_a, *self.layers_b]
-                ext_a = ext_b = stack.enter_context(_Extractor(self.model_a, layers, self.pooling))
-            else:
-                ext_a = stack.enter_context(_Extractor(self.model_a, self.layers_a, self.pooling))
-                ext_b = stack.enter_context(_Extractor(self.model_b, self.layers_b, self.pooling))
-            for chunk in _chunks(batches, chunk_batches):
-                samples = [s for batch in chunk for s in batch]
-                sizes = [len(batch) for batch in chunk]
-                enc_a = ext_a.encode(samples, max_length)
-                feats_a = ext_a.chunk_features(enc_a, sizes, batch_size, sort_by_length)
-                if ext_b is ext_a:
-                    feats_b = feats_a
-                else:
-                    enc_b = ext_b.encode(samples, max_length)
-                    if self.pooling == "tokens" and not same_tokens(enc_a, enc_b):
-                        raise TokenizerMismatchError(
-                            "pooling='tokens' needs identical tokenization, but the two "
-                            "tokenizers split these texts differently; use pooling='mean'"
-                        )
-                    feats_b = ext_b.chunk_features(enc_b, sizes, batch_size, sort_by_length)
-                for fa, fb in zip(feats_a, feats_b, strict=True):
-                    yield [fa[s] for s in self.layers_a], [fb[s] for s in self.layers_b]
-
     def compare(
         self,
         data: Any = None,
@@ -299,13 +292,88 @@ class AutoCKA:
             kernel: ``"linear"`` or ``"rbf"`` (bandwidth: ``threshold`` x per-batch median).
             threshold: RBF bandwidth factor.
         """
-        started = time.perf_counter()
-        batches, info = self._batches(
-            data, batch_size, num_samples, text_column=text_column,
-            dataset_config=dataset_config, split=split,
-        )  # fmt: skip
+        (result,) = _run_comparisons(
+            [self],
+            data,
+            batch_size=batch_size,
+            max_length=max_length,
+            num_samples=num_samples,
+            text_column=text_column,
+            dataset_config=dataset_config,
+            split=split,
+            callback=callback,
+            progress=progress,
+            sort_by_length=sort_by_length,
+            chunk_batches=chunk_batches,
+            kernel=kernel,
+            threshold=threshold,
+        )
+        return result
+
+    @classmethod
+    def drift(
+        cls,
+        base: str,
+        checkpoints: Sequence[str],
+        data: Any = None,
+        *,
+        revision: str | None = None,
+        layers: str | Sequence[LayerSpec] = "auto",
+        pooling: str = "mean",
+        part: Part = "encoder",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+        **compare_options: Any,
+    ) -> Any:
+        """CKA of a base model against each of several checkpoints; returns a ``DriftResult``.
+
+        Checkpoints are Hub ids, local folders or ``"repo@revision"`` (several revisions of one
+        repo work). All k + 1 models are loaded together and the data streams once: per batch the
+        base model runs ONE forward pass shared by the k comparisons (k + 1 passes, not 2k).
+        ``compare_options`` are those of :meth:`compare` (``batch_size``, ``max_length``, ...).
+        """
+        if isinstance(checkpoints, str) or not checkpoints:
+            raise InvalidInputError(
+                f"expected a non-empty list of checkpoints, got {checkpoints!r}"
+            )
+        check_pooling(pooling)
+        options = {
+            "dtype": dtype,
+            "device": device,
+            "device_map": device_map,
+            "trust_remote_code": trust_remote_code,
+            "token": token,
+        }
+        base_model = load_model(base, revision=revision, **options)
+        comparisons = [
+            cls(
+                base_model,
+                load_model(checkpoint, **options),
+                layers_a=layers,
+                layers_b=layers,
+                pooling=pooling,
+                part_a=part,
+                part_b=part,
+                token=token,
+            )
+            for checkpoint in checkpoints
+        ]
+        results = _run_comparisons(comparisons, data, **compare_options)
+        from .result import DriftResult
+
+        return DriftResult(
+            base=base_model.name,
+            checkpoints=[c.model_b.name for c in comparisons],
+            results=results,
+            metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
+        )
+
+    def _new_metric(self, kernel: str, threshold: float) -> MinibatchCKA:
         self_similarity = self.same_model and self.layers_a == self.layers_b
-        metric = MinibatchCKA(
+        return MinibatchCKA(
             len(self.layers_a),
             None if self_similarity else len(self.layers_b),
             kernel=kernel,  # type: ignore[arg-type]
@@ -313,34 +381,6 @@ class AutoCKA:
             layer_names_a=self.layers_a,
             layer_names_b=self.layers_b,
         )
-        total = _expected_batches(info.get("size"), batch_size)
-        show = progress and distributed.is_main_process()
-        stream = self._paired_features(
-            batches,
-            batch_size=batch_size,
-            max_length=max_length,
-            sort_by_length=sort_by_length,
-            chunk_batches=chunk_batches,
-        )
-        from tqdm.auto import tqdm
-
-        for index, (feats_a, feats_b) in enumerate(
-            tqdm(stream, total=total, disable=not show, desc="CKA", unit="batch"), start=1
-        ):
-            metric.update(feats_a, None if self_similarity else feats_b)
-            if callback is not None:
-                callback(index, total or -1, metric.compute())
-        metric.sync(distributed.all_reduce_sum)
-        metadata = self._metadata(
-            info,
-            metric,
-            batch_size=batch_size,
-            max_length=max_length,
-            kernel=kernel,
-            threshold=threshold,
-            wall_time_s=time.perf_counter() - started,
-        )
-        return self._result(metric, metadata)
 
     def _result(self, metric: MinibatchCKA, metadata: dict[str, Any]) -> Any:
         from .result import CKAResult
@@ -355,9 +395,7 @@ class AutoCKA:
             stderr=metric.compute_stderr() if metric.n_batches >= 2 else None,
         )
 
-    def _metadata(
-        self, info: dict[str, Any], metric: MinibatchCKA, **run: Any
-    ) -> dict[str, Any]:
+    def _metadata(self, info: dict[str, Any], metric: MinibatchCKA, **run: Any) -> dict[str, Any]:
         from .result import new_run_id
 
         a, b = self.model_a, self.model_b
@@ -425,6 +463,99 @@ class AutoCKA:
                 for spec in layers:
                     rows[spec].append(feats[spec])
         return {spec: torch.cat(parts) for spec, parts in rows.items()}
+
+
+def _run_comparisons(
+    comparisons: Sequence[AutoCKA],
+    data: Any,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
+    num_samples: int | None = None,
+    text_column: str = "text",
+    dataset_config: str | None = None,
+    split: str | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+    sort_by_length: bool = True,
+    chunk_batches: int = 8,
+    kernel: str = "linear",
+    threshold: float = 1.0,
+) -> list[Any]:
+    """Stream ``data`` once through every distinct model and accumulate each comparison.
+
+    Each distinct model gets one extractor hooking every layer any comparison needs from it, so
+    a model shared by several comparisons (the base of a drift, or a self-comparison) runs one
+    forward pass per batch.
+    """
+    started = time.perf_counter()
+    first = comparisons[0]
+    samples, info = load_samples(
+        data,
+        num_samples=num_samples,
+        modality=first.model_a.modality,
+        token=first._token,
+        text_column=text_column,
+        dataset_config=dataset_config,
+        split=split,
+    )
+    batches = batch_samples(samples, batch_size)
+    layers_by_model: dict[int, tuple[LoadedModel, list[str]]] = {}
+    for comparison in comparisons:
+        for loaded, layers in (
+            (comparison.model_a, comparison.layers_a),
+            (comparison.model_b, comparison.layers_b),
+        ):
+            layers_by_model.setdefault(id(loaded), (loaded, []))[1].extend(layers)
+    slots = {key: slot for slot, key in enumerate(layers_by_model)}
+    metrics = [comparison._new_metric(kernel, threshold) for comparison in comparisons]
+    total = _expected_batches(info.get("size"), batch_size)
+    with contextlib.ExitStack() as stack:
+        extractors = [
+            stack.enter_context(_Extractor(loaded, layers, first.pooling))
+            for loaded, layers in layers_by_model.values()
+        ]
+        stream = _stream(
+            extractors,
+            batches,
+            batch_size=batch_size,
+            max_length=max_length,
+            sort_by_length=sort_by_length,
+            chunk_batches=chunk_batches,
+        )
+        for index, features in enumerate(_progress(stream, total, progress), start=1):
+            for comparison, metric in zip(comparisons, metrics, strict=True):
+                feats_a = features[slots[id(comparison.model_a)]]
+                feats_b = features[slots[id(comparison.model_b)]]
+                metric.update(
+                    [feats_a[spec] for spec in comparison.layers_a],
+                    None
+                    if metric.self_similarity
+                    else [feats_b[spec] for spec in comparison.layers_b],
+                )
+            if callback is not None:
+                callback(index, total or -1, metrics[0].compute())
+    run = {
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "kernel": kernel,
+        "threshold": threshold if kernel == "rbf" else None,
+        "sort_by_length": sort_by_length,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    results = []
+    for comparison, metric in zip(comparisons, metrics, strict=True):
+        metric.sync(distributed.all_reduce_sum)
+        results.append(comparison._result(metric, comparison._metadata(info, metric, **run)))
+    return results
+
+
+def _progress(stream: Iterable[Any], total: int | None, enabled: bool) -> Iterable[Any]:
+    """``stream`` wrapped in a tqdm bar on the main process when ``enabled``."""
+    from tqdm.auto import tqdm
+
+    show = enabled and distributed.is_main_process()
+    return tqdm(stream, total=total, disable=not show, desc="CKA", unit="batch")
 
 
 def _expected_batches(size: int | None, batch_size: int) -> int | None:

@@ -1,0 +1,63 @@
+"""Test-suite bootstrap: an isolated Hugging Face environment and the loopback Hub.
+
+``huggingface_hub``, ``datasets`` and ``transformers`` read their endpoint, token, cache and
+offline settings when they are imported, so this module sets them at import time, before any
+test module imports those libraries. Subprocesses started by tests inherit the same settings,
+so they too talk to the loopback Hub (``hub`` fixture) and never to huggingface.co.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+_CLIENTS = ("huggingface_hub", "datasets", "transformers")
+if imported := [name for name in _CLIENTS if name in sys.modules]:
+    raise RuntimeError(
+        f"{imported} were imported before tests/conftest.py could point them at the loopback Hub;"
+        " remove the plugin or import that loads them before pytest collects this conftest."
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+HUB_PORT = _free_port()
+HUB_TOKEN = "hf_loopback_dummy_token"
+_HF_HOME = tempfile.mkdtemp(prefix="hf-cka-tests-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ.update(
+    HF_ENDPOINT=f"http://127.0.0.1:{HUB_PORT}",
+    HF_TOKEN=HUB_TOKEN,
+    HF_HOME=_HF_HOME,
+    HF_HUB_CACHE=os.path.join(_HF_HOME, "hub"),
+    HF_DATASETS_CACHE=os.path.join(_HF_HOME, "datasets"),
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_OFFLINE="0",
+    HF_DATASETS_OFFLINE="0",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+from hub_server import HubServer  # noqa: E402 (the environment above must come first)
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[HubServer]:
+    """The loopback Hub serving ``HF_ENDPOINT`` (started on first use, shared by the session).
+
+    Repos persist across tests: use unique repo names, or ``hub.reset()``. See
+    ``tests/hub_server.py`` for ``fail_next``, ``requests``, ``repo`` and ``reset``.
+    """
+    with HubServer(port=HUB_PORT, token=HUB_TOKEN) as server:
+        yield server
