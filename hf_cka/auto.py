@@ -27,7 +27,7 @@ from .errors import InvalidInputError, TokenizerMismatchError
 from .hooks import FeatureCapture, split_spec
 from .layers import LayerSpec, Part, resolve_layers
 from .metric import MinibatchCKA
-from .models import LoadedModel, load_model, parse_model_spec
+from .models import LoadedModel, ModelLoader
 from .pooling import check_pooling
 
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -68,7 +68,8 @@ class _Extractor:
         if self.use_decoder:
             batch["decoder_input_ids"] = batch["input_ids"]
             batch["decoder_attention_mask"] = batch["attention_mask"]
-        return forward_features(self.forward_module, self.capture, batch)
+        with self.loaded.forward_context():
+            return forward_features(self.forward_module, self.capture, batch)
 
     def chunk_features(
         self, encodings: Any, sizes: Sequence[int], batch_size: int, sort: bool
@@ -217,20 +218,20 @@ class AutoCKA:
         whatever it is.
         """
         check_pooling(pooling)
-        options = {
-            "dtype": dtype,
-            "device": device,
-            "device_map": device_map,
-            "trust_remote_code": trust_remote_code,
-            "token": token,
-        }
-        loaded_a = load_model(model_a, revision=revision_a, **options)
-        loaded_b = None
+        loader = ModelLoader(
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            token=token,
+        )
+        loaded_a = loader.load(model_a, revision_a)
         if model_b is not None:
-            name_b, rev_b = parse_model_spec(model_b, revision_b)
-            same = name_b == loaded_a.name and (rev_b or None) == (loaded_a.revision or None)
-            if not same:
-                loaded_b = load_model(model_b, revision=revision_b, **options)
+            loaded_b = loader.load(model_b, revision_b)
+        elif loaded_a.base is not None:  # a lone adapter: compare its base with it
+            loaded_a, loaded_b = loaded_a.base, loaded_a
+        else:
+            loaded_b = None
         return cls(
             loaded_a,
             loaded_b,
@@ -340,18 +341,18 @@ class AutoCKA:
                 f"expected a non-empty list of checkpoints, got {checkpoints!r}"
             )
         check_pooling(pooling)
-        options = {
-            "dtype": dtype,
-            "device": device,
-            "device_map": device_map,
-            "trust_remote_code": trust_remote_code,
-            "token": token,
-        }
-        base_model = load_model(base, revision=revision, **options)
+        loader = ModelLoader(
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            token=token,
+        )
+        base_model = loader.load(base, revision)
         comparisons = [
             cls(
                 base_model,
-                load_model(checkpoint, **options),
+                loader.load(checkpoint),
                 layers_a=layers,
                 layers_b=layers,
                 pooling=pooling,
@@ -400,12 +401,8 @@ class AutoCKA:
 
         a, b = self.model_a, self.model_b
         return {
-            "model_a": a.name,
-            "model_b": b.name,
-            "revision_a": a.revision,
-            "revision_b": b.revision,
-            "commit_sha_a": a.commit_sha,
-            "commit_sha_b": b.commit_sha,
+            **a.provenance("a"),
+            **b.provenance("b"),
             "dtype": a.dtype if a.dtype == b.dtype else f"{a.dtype}/{b.dtype}",
             "pooling": self.pooling,
             "estimator": ESTIMATOR,

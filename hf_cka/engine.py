@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .errors import InvalidInputError
+from .errors import EmptyDataError, InvalidInputError
 from .hooks import FeatureCapture
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA
@@ -86,13 +86,15 @@ def forward_features(
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` on ``batch`` under ``inference_mode``; pooled features by layer spec."""
     args, kwargs, mask = model_inputs(batch, input_device(model))
-    capture.attention_mask = mask
+    capture.attention_mask, capture.active = mask, True
     try:
         with torch.inference_mode():
             model(*args, **kwargs)
     except BaseException:
         capture.features.clear()
         raise
+    finally:
+        capture.active = False
     return capture.pop()
 
 
@@ -151,7 +153,7 @@ class CKA:
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> CKA:
         models = [self.model1] if self.same_model else [self.model1, self.model2]
-        self._modes = {m: m.training for m in models}
+        self._modes = {sub: sub.training for model in models for sub in model.modules()}
         try:
             for model in models:
                 if self.device is not None:
@@ -182,8 +184,8 @@ class CKA:
         for capture in self._captures:
             capture.remove()
         self._captures = []
-        for model, training in self._modes.items():
-            model.train(training)
+        for module, training in self._modes.items():  # per module: .train() would recurse
+            module.training = training
         self._modes = {}
 
     def __call__(
@@ -249,6 +251,11 @@ class CKA:
                 "(the unbiased HSIC needs n >= 4); use a larger batch size or drop_last=True",
                 UserWarning,
                 stacklevel=2,
+            )
+        if metric.n_batches == 0:
+            raise EmptyDataError(
+                f"no usable batch: got 0 batches with at least {MIN_BATCH} samples (skipped "
+                f"{len(self.skipped_batches)}); pass a non-empty loader, batch_size >= {MIN_BATCH}"
             )
         return metric.compute()
 

@@ -151,8 +151,8 @@ def cka(
             f"x and y must have one row per sample for the same samples, got {x.shape[0]} and "
             f"{y.shape[0]} rows"
         )
-    if kernel == "linear":  # CKA is scale invariant: rescale to keep float64 far from overflow
-        x, y = _unit_scale(x), _unit_scale(y)
+    if kernel == "linear":  # shift and scale invariant: centre and rescale for float64 safety
+        x, y = _unit_scale(x - x.mean(dim=0)), _unit_scale(y - y.mean(dim=0))
     k, l = gram(x, kernel, threshold), gram(y, kernel, threshold)  # noqa: E741
     center = u_center_gram if debiased else center_gram
     kc, lc = center(k), center(l)

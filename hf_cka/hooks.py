@@ -50,8 +50,9 @@ def first_tensor(output: Any) -> torch.Tensor:
 class FeatureCapture:
     """Context manager that records pooled activations of ``layers`` of ``model``.
 
-    Set :attr:`attention_mask` before each forward pass; after it, :meth:`pop` returns the
-    pooled ``(n, d)`` tensor of each layer (moved to ``device`` when given) and clears the store.
+    Set :attr:`attention_mask` and :attr:`active` around each forward pass; after it,
+    :meth:`pop` returns the pooled ``(n, d)`` tensor of each layer (moved to ``device`` when
+    given) and clears the store.
 
     Args:
         model: the module to hook.
@@ -72,6 +73,7 @@ class FeatureCapture:
         self.pooling = pooling
         self.device = device
         self.attention_mask: torch.Tensor | None = None
+        self.active = False  # hooks record only while True (set around this model's own forward)
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -109,6 +111,8 @@ class FeatureCapture:
         self.features.clear()
 
     def _store(self, spec: str, hidden: torch.Tensor) -> None:
+        if not self.active:  # another capture's forward on a shared module (adapter vs base)
+            return
         with torch.no_grad():
             pooled = pool(hidden.detach(), self.attention_mask, self.pooling)
             if self.device is not None:

@@ -4,8 +4,8 @@ The default layers of a model are its embedding output plus the output of every 
 block, in depth order -- the same positions as ``output_hidden_states`` (index ``i`` is
 ``hidden_states[i]``), but taken from the blocks themselves so the last entry is the last
 block's output, not a final norm. The blocks are the longest ``nn.ModuleList`` of modules of one
-class (``encoder.layer`` in BERT/RoBERTa/ViT, ``transformer.layer`` in DistilBERT, ``h`` in
-GPT-2, ``layers`` in GPT-NeoX/Llama/Mistral/Qwen2, ``encoder.block`` in T5); encoder-decoder
+class (``encoder.layer`` in BERT/RoBERTa, ``transformer.layer`` in DistilBERT, ``h`` in GPT-2,
+``layers`` in ViT/GPT-NeoX/Llama/Mistral/Qwen2, ``encoder.block`` in T5); encoder-decoder
 models use their encoder unless ``part="decoder"``. The embedding output is recorded as the input
 of the first block (``"encoder.layer.0:input"``), which is exactly what block 0 receives in every
 family (T5 and GPT-2 apply dropout after the embedding lookup, Gemma scales it).

@@ -216,7 +216,9 @@ class MinibatchCKA:
                     f"layer '{name}' produced NaN or Inf activations in batch {self.n_batches}; "
                     "check the model dtype (try dtype='float32') and the inputs"
                 )
-            grams.append(gram(x, self.kernel, self.threshold))
+            # U-centering ignores a per-batch shift of the rows, so centring the columns first
+            # changes no HSIC term but keeps large-offset features from cancelling in float64.
+            grams.append(gram(x - x.mean(dim=0), self.kernel, self.threshold))
         k = torch.stack(grams)
         return u_center_gram(k), _off_diagonal_energy(k)
 

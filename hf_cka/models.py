@@ -7,6 +7,7 @@ so the weights, the tokenizer and the recorded provenance can never disagree.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DeviceMismatchError, InvalidInputError, ModelNotFoundError, RemoteCodeError
+from .errors import (
+    DeviceMismatchError,
+    InvalidInputError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    RemoteCodeError,
+)
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 DTYPES = {
     "float32": torch.float32,
@@ -30,7 +39,11 @@ DTYPES = {
 
 @dataclass
 class LoadedModel:
-    """A model ready for feature extraction, with its preprocessor and provenance."""
+    """A model ready for feature extraction, with its preprocessor and provenance.
+
+    A PEFT adapter shares its base model's module (one copy of the weights): the adapter side
+    runs with its adapter active, the base side with every adapter disabled.
+    """
 
     name: str
     revision: str | None
@@ -38,10 +51,35 @@ class LoadedModel:
     model: nn.Module
     processor: Any
     modality: str  # "text" or "image"
+    peft: Any = None  # the PeftModel wrapping ``model``, once an adapter was loaded onto it
+    adapter_name: str | None = None  # set on the adapter side only
+    base: LoadedModel | None = None  # the base model of an adapter
 
     @property
     def dtype(self) -> str:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Context for a forward pass of this side: its adapter on, or all adapters off."""
+        if self.adapter_name is not None:
+            self.base.peft.set_adapter(self.adapter_name)
+            return contextlib.nullcontext()
+        if self.peft is not None:
+            return self.peft.disable_adapter()
+        return contextlib.nullcontext()
+
+    def provenance(self, suffix: str) -> dict[str, Any]:
+        """Metadata entries (``model_a``, ``revision_a``, ``commit_sha_a`` ... for ``"a"``)."""
+        info = {
+            f"model_{suffix}": self.name,
+            f"revision_{suffix}": self.revision,
+            f"commit_sha_{suffix}": self.commit_sha,
+        }
+        if self.base is not None:
+            info[f"adapter_{suffix}"] = self.name
+            info[f"base_model_{suffix}"] = self.base.name
+            info[f"base_commit_sha_{suffix}"] = self.base.commit_sha
+        return info
 
 
 def parse_model_spec(spec: str, revision: str | None = None) -> tuple[str, str | None]:
@@ -74,10 +112,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return DTYPES[key]
 
 
-def resolve_commit(name: str, revision: str | None, token: str | bool | None) -> str | None:
-    """Commit sha of ``revision`` of Hub repo ``name``; ``None`` for local folders."""
+def resolve_commit(
+    name: str, revision: str | None, token: str | bool | None
+) -> tuple[str | None, set[str]]:
+    """Commit sha of ``revision`` of ``name`` and the repo's file names.
+
+    A local folder has no sha (``None``) and lists its own files.
+    """
     if os.path.isdir(name):
-        return None
+        return None, set(os.listdir(name))
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         HFValidationError,
@@ -86,7 +129,7 @@ def resolve_commit(name: str, revision: str | None, token: str | bool | None) ->
     )
 
     try:
-        return HfApi().model_info(name, revision=revision, token=token).sha
+        info = HfApi().model_info(name, revision=revision, token=token)
     except RevisionNotFoundError as err:
         raise ModelNotFoundError(
             f"revision {revision!r} not found in model repo '{name}'; pass an existing branch, "
@@ -97,59 +140,129 @@ def resolve_commit(name: str, revision: str | None, token: str | bool | None) ->
             f"'{name}' is neither a local folder nor a model repo on the Hub (or it is private: "
             "pass token=...); check the id or the path"
         ) from err
+    return info.sha, {sibling.rfilename for sibling in info.siblings or []}
 
 
-def load_model(
-    spec: str,
-    *,
-    revision: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    device_map: str | dict | None = None,
-    trust_remote_code: bool = False,
-    token: str | bool | None = None,
-) -> LoadedModel:
-    """Load a base model (``AutoModel``) and its tokenizer or image processor.
+class ModelLoader:
+    """Loads models for one comparison, each distinct (id, commit) once.
+
+    The same id and revision asked twice returns the same :class:`LoadedModel` (so a model
+    compared with itself runs once per batch); an adapter whose base is already loaded is put on
+    that base's module instead of loading a second copy of the weights.
 
     Args:
-        spec: Hub id, local folder, or ``"repo@revision"``.
-        revision: branch, tag or commit sha (alternative to ``@``).
         dtype: ``None``/``"auto"`` keeps the checkpoint dtype; e.g. ``"bfloat16"``.
-        device: a single device to move the model to.
+        device: a single device to move models to.
         device_map: accelerate placement (``"auto"`` or an explicit map) for big models;
             exclusive with ``device``.
-        trust_remote_code: allow code from the repo to run (off by default).
-        token: Hub token; never stored.
+        trust_remote_code: allow code from a repo to run (off by default).
+        token: Hub token; used for downloads, never stored in results.
     """
-    from transformers import AutoModel
 
-    if device is not None and device_map is not None:
-        raise DeviceMismatchError(
-            f"got device={device!r} and device_map={device_map!r}; use device for one device or "
-            "device_map to spread the model over several"
-        )
-    name, revision = parse_model_spec(spec, revision)
-    commit = resolve_commit(name, revision, token)
-    common = {"revision": commit or revision, "token": token, "trust_remote_code": trust_remote_code}
-    try:
-        model = AutoModel.from_pretrained(
-            name, dtype=resolve_dtype(dtype), device_map=device_map, **common
-        )
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise RemoteCodeError(
-                f"'{name}' ships its own modelling code, which hf_cka does not run unless asked: "
-                "review the repo, then pass trust_remote_code=True (--trust-remote-code)"
+    def __init__(
+        self,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+    ) -> None:
+        if device is not None and device_map is not None:
+            raise DeviceMismatchError(
+                f"got device={device!r} and device_map={device_map!r}; use device for one device "
+                "or device_map to spread the model over several"
+            )
+        self.dtype = resolve_dtype(dtype)
+        self.device, self.device_map = device, device_map
+        self.trust_remote_code, self.token = trust_remote_code, token
+        self._loaded: dict[tuple[str, str | None], LoadedModel] = {}
+
+    def load(self, spec: str, revision: str | None = None) -> LoadedModel:
+        """Load ``spec`` (Hub id, local folder or ``"repo@revision"``), adapters included."""
+        name, revision = parse_model_spec(spec, revision)
+        commit, files = resolve_commit(name, revision, self.token)
+        key = (os.path.abspath(name) if os.path.isdir(name) else name, commit or revision)
+        if key not in self._loaded:
+            if ADAPTER_CONFIG in files:
+                self._loaded[key] = self._load_adapter(name, revision, commit)
+            else:
+                self._loaded[key] = self._load_full(name, revision, commit)
+        return self._loaded[key]
+
+    def _common(self, revision: str | None) -> dict[str, Any]:
+        return {
+            "revision": revision,
+            "token": self.token,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+    def _load_full(self, name: str, revision: str | None, commit: str | None) -> LoadedModel:
+        from transformers import AutoModel
+
+        common = self._common(commit or revision)
+        try:
+            model = AutoModel.from_pretrained(
+                name, dtype=self.dtype, device_map=self.device_map, **common
+            )
+        except ValueError as err:
+            if "trust_remote_code" in str(err):
+                raise RemoteCodeError(
+                    f"'{name}' ships its own modelling code, which hf_cka does not run unless "
+                    "asked: review the repo, then pass trust_remote_code=True "
+                    "(--trust-remote-code)"
+                ) from err
+            raise
+        except OSError as err:
+            raise ModelNotFoundError(f"could not load model '{name}' ({err})") from err
+        if self.device is not None:
+            model.to(self.device)
+        model.eval()
+        main_input = getattr(model, "main_input_name", "input_ids")
+        modality = "image" if main_input == "pixel_values" else "text"
+        processor = _load_processor(name, modality, common)
+        return LoadedModel(name, revision, commit, model, processor, modality)
+
+    def _load_adapter(self, name: str, revision: str | None, commit: str | None) -> LoadedModel:
+        """Put the PEFT adapter ``name`` on its base model (loaded once, shared)."""
+        try:
+            from peft import PeftConfig, PeftModel
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"'{name}' is a PEFT adapter; loading it needs the peft library: "
+                "pip install 'hf_cka[peft]'"
             ) from err
-        raise
-    except OSError as err:
-        raise ModelNotFoundError(f"could not load model '{name}' ({err})") from err
-    if device is not None:
-        model.to(device)
-    model.eval()
-    modality = "image" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "text"
-    processor = _load_processor(name, modality, common)
-    return LoadedModel(name, revision, commit, model, processor, modality)
+        config = PeftConfig.from_pretrained(name, revision=commit or revision, token=self.token)
+        if not config.base_model_name_or_path:
+            raise ModelNotFoundError(
+                f"adapter '{name}' does not name its base model (base_model_name_or_path in "
+                f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly"
+            )
+        base = self.load(config.base_model_name_or_path, config.revision)
+        adapter_name = f"adapter_{len([m for m in self._loaded.values() if m.base is base])}"
+        source = {"revision": commit or revision, "token": self.token}
+        if base.peft is None:
+            base.peft = PeftModel.from_pretrained(
+                base.model, name, adapter_name=adapter_name, **source
+            )
+        else:
+            base.peft.load_adapter(name, adapter_name=adapter_name, **source)
+        base.peft.eval()
+        return LoadedModel(
+            name=name,
+            revision=revision,
+            commit_sha=commit,
+            model=base.model,
+            processor=base.processor,
+            modality=base.modality,
+            adapter_name=adapter_name,
+            base=base,
+        )
+
+
+def load_model(spec: str, *, revision: str | None = None, **options: Any) -> LoadedModel:
+    """Load one model (see :class:`ModelLoader` for the options)."""
+    return ModelLoader(**options).load(spec, revision)
 
 
 def _load_processor(name: str, modality: str, common: dict[str, Any]) -> Any:

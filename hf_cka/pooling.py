@@ -72,9 +72,10 @@ def pool(
         raise InvalidInputError(
             "a sample has no real token (its attention mask is all zeros); drop empty texts"
         )
-    if pooling == "mean":
-        weights = mask.to(hidden.dtype)[..., None]
-        return (hidden * weights).sum(1) / weights.sum(1)
+    if pooling == "mean":  # summed in float32 at least, so long fp16 sequences cannot overflow
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        weights = mask.to(dtype)[..., None]
+        return ((hidden.to(dtype) * weights).sum(1) / weights.sum(1)).to(hidden.dtype)
     if pooling == "max":
         lowest = torch.finfo(hidden.dtype).min if hidden.is_floating_point() else -(2**31)
         return hidden.masked_fill(~mask[..., None], lowest).amax(dim=1)
