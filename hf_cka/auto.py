@@ -322,7 +322,7 @@ class AutoCKA:
                 )
                 for spec in layers:
                     rows[spec].append(feats[spec])
-        return {spec: torch.cat(parts) for spec, parts in rows.items()}
+        return {spec: torch.cat(parts).cpu() for spec, parts in rows.items()}
 
 
 def _compare_all(

@@ -209,8 +209,9 @@ class MinibatchCKA:
                 f"{sorted(sizes)}"
             )
         grams = []
+        device = features[0].device  # layers of a model split over devices meet on the first
         for name, feats in zip(names, features, strict=True):
-            x = as_features(feats)
+            x = as_features(feats).to(device)
             if not torch.isfinite(x).all():
                 raise NonFiniteActivationError(
                     f"layer '{name}' produced NaN or Inf activations in batch {self.n_batches}; "
@@ -231,10 +232,13 @@ class MinibatchCKA:
         """Add the batch's weighted HSIC terms and second moments to the states."""
         (ua, raw_a), (ub, raw_e) = u_a, u_b
         scale = 1.0 / (n * (n - 3))
-        flat_a, flat_b = ua.reshape(ua.shape[0], -1), ub.reshape(ub.shape[0], -1)
-        c = flat_a @ flat_b.T * scale
-        a = (flat_a * flat_a).sum(-1) * scale
-        e = a if flat_b is flat_a else (flat_b * flat_b).sum(-1) * scale
+        flat_a = ua.reshape(ua.shape[0], -1)
+        flat_b = flat_a if ub is ua else ub.reshape(ub.shape[0], -1).to(flat_a.device)
+        # the products run where the features are (a GPU stays busy); the small terms come home
+        c = (flat_a @ flat_b.T * scale).cpu()
+        a = ((flat_a * flat_a).sum(-1) * scale).cpu()
+        e = a if flat_b is flat_a else ((flat_b * flat_b).sum(-1) * scale).cpu()
+        raw_a, raw_e = raw_a.cpu(), raw_e.cpu()
         w = float(n)
         ww = w * w
         s = self.states

@@ -22,7 +22,7 @@ import torch
 from . import distributed
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .data import batch_samples, collate, encode, lengths, load_samples, same_tokens
-from .engine import forward_features
+from .engine import forward_features, input_device
 from .errors import InvalidInputError, TokenizerMismatchError
 from .hooks import FeatureCapture, split_spec
 from .metric import MinibatchCKA
@@ -131,7 +131,8 @@ class Extractor:
         )
         is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
         self.forward_module = model.get_encoder() if is_enc_dec and not self.use_decoder else model
-        self.capture = FeatureCapture(model, self.layers, pooling, device=torch.device("cpu"))
+        # pooled rows gather on the input device: CKA math runs there, only sums go to the CPU
+        self.capture = FeatureCapture(model, self.layers, pooling, device=input_device(model))
 
     def __enter__(self) -> Extractor:
         self.capture.__enter__()
