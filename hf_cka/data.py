@@ -179,6 +179,11 @@ def batch_samples(samples: Iterable[Any], batch_size: int) -> Iterator[list[Any]
         )
     iterator = iter(samples)
     previous = list(itertools.islice(iterator, batch_size))
+    if len(previous) < MIN_BATCH:
+        raise EmptyDataError(
+            f"got {len(previous)} sample(s); the unbiased HSIC needs at least {MIN_BATCH}: pass "
+            "more texts or images"
+        )
     while previous:
         current = list(itertools.islice(iterator, batch_size))
         if 0 < len(current) < MIN_BATCH:
@@ -202,7 +207,9 @@ def collate(processor: Any, encodings: Any, indices: Sequence[int], modality: st
     if modality == "image":
         return {k: v[list(indices)] for k, v in encodings.items()}
     rows = [{k: encodings[k][i] for k in encodings} for i in indices]
-    return dict(processor.pad(rows, return_tensors="pt"))
+    # right padding whatever the tokenizer says: left padding would shift the absolute position
+    # ids of real tokens (BERT, GPT-2); pooling skips the pads on either side anyway
+    return dict(processor.pad(rows, return_tensors="pt", padding_side="right"))
 
 
 def lengths(encodings: Any, modality: str) -> list[int]:

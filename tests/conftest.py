@@ -48,6 +48,9 @@ os.environ.update(
     HF_DATASETS_OFFLINE="0",
     TOKENIZERS_PARALLELISM="false",
 )
+# Tiny models gain nothing from intra-op threads, and 2-process gloo tests on 2 cores would
+# oversubscribe them: one thread per process keeps the suite fast and its timings steady.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from hub_server import HubServer  # noqa: E402 (the environment above must come first)
 
