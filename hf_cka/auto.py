@@ -19,6 +19,7 @@ from . import distributed
 from .data import batch_samples, load_samples
 from .errors import EstimatorWarning, InvalidInputError, TokenizerMismatchError
 from .layers import LayerSpec, Part, resolve_layers
+from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader
 from .pooling import check_pooling
 from .runner import (
@@ -35,7 +36,11 @@ from .runner import (
 if TYPE_CHECKING:
     from .result import CKAResult, DriftResult
 
-ESTIMATOR = "minibatch-unbiased-hsic"
+ESTIMATOR_LABELS = {
+    "minibatch": "minibatch-unbiased-hsic",  # Nguyen et al. 2020
+    "linear": "exact-linear-cka",  # Kornblith et al. 2019, biased HSIC, streamed
+    "debiased": "exact-debiased-linear-cka",  # U-centred HSIC (Song et al. 2012), streamed
+}
 DRIFT_METADATA = (
     "pooling", "estimator", "dataset", "dataset_config", "split", "n_samples", "n_batches",
     "batch_size", "max_length", "num_processes", "versions", "wall_time_s",
@@ -163,6 +168,8 @@ class AutoCKA:
         chunk_batches: int = 8,
         kernel: str = "linear",
         threshold: float = 1.0,
+        estimator: str = "minibatch",
+        max_bytes: int | None = None,
         null_permutations: int = 0,
         seed: int = 0,
         target_stderr: float | None = None,
@@ -189,6 +196,11 @@ class AutoCKA:
             chunk_batches: CKA batches per sorting chunk.
             kernel: ``"linear"`` or ``"rbf"`` (bandwidth: ``threshold`` x per-batch median).
             threshold: RBF bandwidth factor.
+            estimator: ``"minibatch"`` (Nguyen et al.; default, with standard errors),
+                ``"linear"`` (exact full-data biased linear CKA, Kornblith et al.) or
+                ``"debiased"`` (exact full-data debiased linear CKA); the exact ones are streamed
+                with ``O(d_a d_b)`` memory per layer pair (see ``docs/statistics.md``).
+            max_bytes: refuse an exact estimator whose states would exceed this many bytes.
             null_permutations: also compute CKA with model B's samples shuffled within each
                 batch this many times; the mean is ``result.null`` (the floor for this n, d).
             seed: seed of the permutations.
@@ -210,6 +222,8 @@ class AutoCKA:
             chunk_batches=chunk_batches,
             kernel=kernel,
             threshold=threshold,
+            estimator=estimator,
+            max_bytes=max_bytes,
             null_permutations=null_permutations,
             seed=seed,
             target_stderr=target_stderr,
@@ -345,7 +359,7 @@ def _compare_all(
             **comparison.model_b.provenance("b"),
             "dtype": _dtype_label(comparison),
             "pooling": pooling,
-            "estimator": ESTIMATOR,
+            "estimator": ESTIMATOR_LABELS[options.estimator],
             **{k: v for k, v in outcome.data_info.items() if k != "size"},
             "n_samples": metric.n_samples,
             "n_batches": metric.n_batches,
@@ -369,7 +383,10 @@ def _compare_all(
 
 
 def _stderr(accumulated: Accumulated) -> torch.Tensor | None:
-    """Standard errors, or ``None`` (with a warning) when fewer than two batches were used."""
+    """Standard errors of a minibatch estimate, or ``None``: the exact estimators have none, and
+    fewer than two batches cannot give one (a warning says so)."""
+    if not isinstance(accumulated.metric, MinibatchCKA):
+        return None
     if accumulated.metric.n_batches >= 2:
         return accumulated.metric.compute_stderr()
     warnings.warn(

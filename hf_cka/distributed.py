@@ -16,9 +16,11 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def _state():  # noqa: ANN202 - accelerate.PartialState, imported lazily
+    """Accelerate's process state; on a machine without CUDA it must be told to use gloo on the
+    CPU, or accelerate 1.15 reports a single process inside a multi-process launch."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _launched() -> bool:
@@ -29,13 +31,28 @@ def _launched() -> bool:
 
 
 def num_processes() -> int:
-    """Number of processes in the run (1 when not launched)."""
-    return _state().num_processes if _launched() else 1
+    """Number of processes in the run (1 when not launched).
+
+    Read from the process group itself: a ``PartialState`` created earlier by user code (maybe
+    without ``cpu=True``) may report one process even though the group has several.
+    """
+    if not _launched():
+        return 1
+    _state()  # initialises the process group if the launcher left that to us
+    return torch.distributed.get_world_size()
 
 
 def process_index() -> int:
     """Rank of this process (0 when not launched)."""
-    return _state().process_index if _launched() else 0
+    if not _launched():
+        return 0
+    _state()
+    return torch.distributed.get_rank()
+
+
+def local_device() -> torch.device | None:
+    """This process's own device in a multi-process run (``None`` when not launched)."""
+    return _state().device if _launched() else None
 
 
 def is_main_process() -> bool:

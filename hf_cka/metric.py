@@ -76,20 +76,13 @@ class MinibatchCKA:
         layer_names_a: Sequence[str] | None = None,
         layer_names_b: Sequence[str] | None = None,
     ) -> None:
-        if num_layers_a < 1 or (num_layers_b is not None and num_layers_b < 1):
-            raise InvalidInputError(
-                f"expected at least one layer on each side, got {num_layers_a} and {num_layers_b}"
-            )
         self.self_similarity = num_layers_b is None
         self.num_layers_a = num_layers_a
         self.num_layers_b = num_layers_a if num_layers_b is None else num_layers_b
         self.kernel = kernel
         self.threshold = threshold
-        self.layer_names_a = list(layer_names_a or [f"A[{i}]" for i in range(num_layers_a)])
-        self.layer_names_b = list(
-            layer_names_b
-            or (self.layer_names_a if self.self_similarity else [])
-            or [f"B[{j}]" for j in range(self.num_layers_b)]
+        self.layer_names_a, self.layer_names_b = layer_names(
+            num_layers_a, num_layers_b, layer_names_a, layer_names_b
         )
         self.reset()
 
@@ -268,8 +261,12 @@ class MinibatchCKA:
         """
         self._require_batches(1)
         s = self.states
-        a = self._defined(s["a"], s["raw_a"], self.layer_names_a)
-        e = a if self.self_similarity else self._defined(s["e"], s["raw_e"], self.layer_names_b)
+        a = nan_constant_layers(s["a"], s["raw_a"], self.layer_names_a)
+        e = (
+            a
+            if self.self_similarity
+            else nan_constant_layers(s["e"], s["raw_e"], self.layer_names_b)
+        )
         return s["c"] / torch.sqrt(a[:, None] * e[None, :])
 
     def compute_stderr(self) -> torch.Tensor:
@@ -305,19 +302,39 @@ class MinibatchCKA:
                 "call update() with more data first"
             )
 
-    @staticmethod
-    def _defined(hsic_self: torch.Tensor, raw: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """``hsic_self`` with NaN for layers that are constant over the data (one warning)."""
-        constant = hsic_self <= CONSTANT_RTOL * raw.abs()
-        if constant.any():
-            listed = ", ".join(f"'{names[i]}'" for i in constant.nonzero().flatten().tolist())
-            warnings.warn(
-                f"layer(s) {listed} are constant over the data (zero variance): their CKA is "
-                "undefined and reported as NaN",
-                ConstantLayerWarning,
-                stacklevel=3,
-            )
-        return torch.where(constant, torch.full_like(hsic_self, float("nan")), hsic_self)
+
+def nan_constant_layers(
+    hsic_self: torch.Tensor, raw: torch.Tensor, names: Sequence[str]
+) -> torch.Tensor:
+    """``hsic_self`` with NaN for layers that are constant over the data (one warning)."""
+    constant = hsic_self <= CONSTANT_RTOL * raw.abs()
+    if constant.any():
+        listed = ", ".join(f"'{names[i]}'" for i in constant.nonzero().flatten().tolist())
+        warnings.warn(
+            f"layer(s) {listed} are constant over the data (zero variance): their CKA is "
+            "undefined and reported as NaN",
+            ConstantLayerWarning,
+            stacklevel=3,
+        )
+    return torch.where(constant, torch.full_like(hsic_self, float("nan")), hsic_self)
+
+
+def layer_names(
+    num_layers_a: int,
+    num_layers_b: int | None,
+    names_a: Sequence[str] | None = None,
+    names_b: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Validated display names of both sides (``A[i]``/``B[j]`` by default; side B mirrors A
+    when ``num_layers_b`` is None)."""
+    if num_layers_a < 1 or (num_layers_b is not None and num_layers_b < 1):
+        raise InvalidInputError(
+            f"expected at least one layer on each side, got {num_layers_a} and {num_layers_b}"
+        )
+    names_a = list(names_a or [f"A[{i}]" for i in range(num_layers_a)])
+    if num_layers_b is None:
+        return names_a, list(names_b or names_a)
+    return names_a, list(names_b or [f"B[{j}]" for j in range(num_layers_b)])
 
 
 def _off_diagonal_energy(k: torch.Tensor) -> torch.Tensor:

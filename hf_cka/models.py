@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import (
     DeviceMismatchError,
     InvalidInputError,
@@ -58,6 +60,12 @@ class LoadedModel:
     @property
     def dtype(self) -> str:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def feature_widths(self, layers: Sequence[str]) -> list[int] | None:
+        """Width of each layer's pooled features: the hidden size of a transformer (``None``
+        when the config does not say, e.g. a plain ``nn.Module``)."""
+        width = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        return [int(width)] * len(layers) if isinstance(width, int) else None
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for a forward pass of this side: its adapter on, or all adapters off."""
@@ -174,6 +182,8 @@ class ModelLoader:
                 "or device_map to spread the model over several"
             )
         self.dtype = resolve_dtype(dtype)
+        if device is None and device_map is None:  # under a launcher: this process's own GPU
+            device = distributed.local_device()
         self.device, self.device_map = device, device_map
         self.trust_remote_code, self.token = trust_remote_code, token
         self._loaded: dict[tuple[str, str | None], LoadedModel] = {}

@@ -38,9 +38,9 @@ def _as_array(data: Any, name: str) -> np.ndarray:
     """Convert a tensor, array or (nested) list of them to a float64 numpy array."""
     if isinstance(data, torch.Tensor):
         return data.detach().cpu().double().numpy()
+    if isinstance(data, (list, tuple)):
+        data = [_as_array(item, name) for item in data]
     try:
-        if isinstance(data, (list, tuple)):
-            return np.asarray([_as_array(item, name) for item in data], dtype=np.float64)
         return np.asarray(data, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise InvalidInputError(
@@ -130,9 +130,9 @@ def _extend(data: np.ndarray, vmin: float, vmax: float) -> str:
     finite = data[np.isfinite(data)]
     low = finite.size > 0 and finite.min() < vmin
     high = finite.size > 0 and finite.max() > vmax
-    return {(False, False): "neither", (True, False): "min", (False, True): "max"}.get(
-        (low, high), "both"
-    )
+    if low and high:
+        return "both"
+    return "min" if low else "max" if high else "neither"
 
 
 def _colormap(cmap: str | Colormap) -> Colormap:
@@ -141,11 +141,23 @@ def _colormap(cmap: str | Colormap) -> Colormap:
     return base.with_extremes(bad=NAN_COLOR)
 
 
-def _heatmap_figsize(nrows: int, ncols: int, annot: bool, with_stderr: bool) -> tuple[float, float]:
-    """Default figure size: cells wide enough for their annotation, at most ~10 inches of cells."""
+def _heatmap_figsize(
+    shape: tuple[int, int], annot: bool, with_stderr: bool, xlabel: str, ylabel: str, title: str
+) -> tuple[float, float]:
+    """Default figure size in inches.
+
+    Cells are wide enough for their annotation with at most ~10 inches of cells, the axes are long
+    enough for their labels (about 0.085 inch per character) and square matrices get square axes;
+    2.6 x 1.8 inches are left for tick labels, colour bar and title.
+    """
+    nrows, ncols = shape
     cell = 0.85 if (annot and with_stderr) else 0.5 if annot else 0.35
     cell = min(cell, 10.0 / max(nrows, ncols))
-    return max(4.5, ncols * cell + 2.6), max(3.5, nrows * cell + 1.8)
+    width = max(ncols * cell, 0.085 * len(xlabel), 0.1 * len(title) - 2.0, 1.9)
+    height = max(nrows * cell, 0.085 * len(ylabel), 1.7)
+    if nrows == ncols:
+        width = height = max(width, height)
+    return width + 2.6, height + 1.8
 
 
 def _annotate(
@@ -162,7 +174,9 @@ def _annotate(
     """
 
     def text_of(i: int, j: int) -> str:
-        value = "nan" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:{fmt}}"
+        if np.isnan(matrix[i, j]):
+            return "nan"
+        value = f"{matrix[i, j]:{fmt}}"
         if stderr is None or not np.isfinite(stderr[i, j]):
             return value
         return f"{value}±{stderr[i, j]:{fmt}}"
@@ -204,6 +218,8 @@ def _draw_heatmap(
     Masked cells (``mask_upper``) are transparent, NaN cells grey. The image's array is a masked
     array whose mask is the strict upper triangle (plus NaN cells).
     """
+    if not vmin < vmax:
+        raise InvalidInputError(f"vmin must be smaller than vmax; got vmin={vmin}, vmax={vmax}.")
     nrows, ncols = matrix.shape
     hidden = np.zeros(matrix.shape, dtype=bool)
     if mask_upper:
@@ -228,9 +244,6 @@ def _draw_heatmap(
     )
     _set_ticks(ax, "y", row_labels, max_ticks)
     _set_ticks(ax, "x", col_labels, max_ticks)
-    if mask_upper:
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
     if annot:
         _annotate(ax, image, matrix, ~hidden, stderr, annot_fmt)
     return image
@@ -288,7 +301,9 @@ def plot_cka_heatmap(
         model2_name: Name for the x label (default "Model 2").
         annot: Write each value in its cell (``"nan"`` for NaN; the font shrinks with the cells).
         cmap: Matplotlib colour map (name or instance).
-        mask_upper: Hide the strict upper triangle (square matrices only).
+        mask_upper: Hide the strict upper triangle ``matrix[i, j]`` with ``j > i`` (square
+            matrices only). With the first layer at the bottom these cells lie below-right of
+            the drawn diagonal.
         title: Axes title; by default ``"<model1_name> vs <model2_name>"`` when a name is given,
             ``""`` for none.
         ax: Axes to draw into; a new figure is made if None.
@@ -306,8 +321,14 @@ def plot_cka_heatmap(
     """
     data = _as_matrix(matrix, "matrix")
     errors = None if stderr is None else _as_array(stderr, "stderr")
+    ylabel, xlabel = f"{model1_name or 'Model 1'} layers", f"{model2_name or 'Model 2'} layers"
+    if title is None and (model1_name or model2_name):
+        title = f"{model1_name or 'Model 1'} vs {model2_name or 'Model 2'}"
     if ax is None:
-        size = figsize or _heatmap_figsize(*data.shape, annot, errors is not None)
+        shape = data.shape
+        size = figsize or _heatmap_figsize(
+            shape, annot, errors is not None, xlabel, ylabel, title or ""
+        )
         fig, ax = plt.subplots(figsize=size, layout="compressed")
     else:
         fig = ax.get_figure()
@@ -325,10 +346,8 @@ def plot_cka_heatmap(
         annot_fmt=annot_fmt,
         max_ticks=max_ticks,
     )
-    ax.set_ylabel(f"{model1_name or 'Model 1'} layers")
-    ax.set_xlabel(f"{model2_name or 'Model 2'} layers")
-    if title is None and (model1_name or model2_name):
-        title = f"{model1_name or 'Model 1'} vs {model2_name or 'Model 2'}"
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
     if colorbar:
@@ -433,7 +452,10 @@ def plot_cka_trend(
         ax.xaxis.get_major_locator().set_params(integer=True)
     if ylim is not None:
         margin = 0.05 * (ylim[1] - ylim[0])
-        ax.set_ylim(min(ylim[0], low - margin), max(ylim[1], high + margin))
+        ax.set_ylim(
+            ylim[0] if low >= ylim[0] else low - margin,
+            ylim[1] if high <= ylim[1] else high + margin,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -483,7 +505,8 @@ def plot_cka_comparison(
         ncols: Panels per row; up to 3 in one row by default, then a near-square grid.
         vmin: Lower end of the colour range.
         vmax: Upper end of the colour range.
-        figsize: Figure size; about 4 x 3.6 inches per panel by default.
+        figsize: Figure size; by default each panel gets 2.6 to 5 inches of cells (more with
+            more layers) plus room for its labels.
         layers2: Column layer names of every panel.
         xlabel: X label of the bottom panel of each column (default "Layers").
         ylabel: Y label of the panels of the first column (default "Layers").
@@ -510,12 +533,13 @@ def plot_cka_comparison(
     if titles is not None and len(titles) != len(panels):
         raise InvalidInputError(f"Got {len(titles)} titles for {len(panels)} matrices.")
     nrows, ncols = _grid_shape(len(panels), ncols)
+    cells = float(np.clip(0.26 * max(max(p.shape) for p in panels), 2.6, 5.0))
+    default_size = (
+        (cells + 1.7) * ncols + (1.0 if share_colorbar else 0.6 * ncols),
+        (cells + 1.5) * nrows,
+    )
     fig, grid = plt.subplots(
-        nrows,
-        ncols,
-        figsize=figsize or (4.0 * ncols + (1.0 if share_colorbar else 0.6), 3.6 * nrows + 0.4),
-        layout="constrained",
-        squeeze=False,
+        nrows, ncols, figsize=figsize or default_size, layout="compressed", squeeze=False
     )
     axes = grid.ravel()
     images = []
@@ -588,7 +612,7 @@ def plot_drift(
             f"stderr must have the shape of similarity {table.shape}; got {errors.shape}."
         )
     layer_names = _layer_labels(layers, num_layers, "layers")
-    heat_width = max(3.5, min(num_checkpoints * 0.45, 8.0) + 2.0)
+    heat_width = max(3.5, min(num_checkpoints * 0.35, 6.0) + 2.0)
     size = figsize or (6.5 + heat_width, max(4.0, min(num_layers * 0.3, 9.0) + 1.8))
     fig, axes = plt.subplots(
         1, 2, figsize=size, layout="constrained", width_ratios=[6.5, heat_width]

@@ -27,10 +27,12 @@ from .errors import InvalidInputError, TokenizerMismatchError
 from .hooks import FeatureCapture, split_spec
 from .metric import MinibatchCKA
 from .models import LoadedModel
+from .streaming import ESTIMATORS, StreamingLinearCKA, new_accumulator, stderr_target_reached
 
 Callback = Callable[[int, int, torch.Tensor], None]
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_LENGTH = 128
+Accumulator = MinibatchCKA | StreamingLinearCKA
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class RunOptions:
     chunk_batches: int = 8
     kernel: str = "linear"
     threshold: float = 1.0
+    estimator: str = "minibatch"
+    max_bytes: int | None = None
     null_permutations: int = 0
     seed: int = 0
     target_stderr: float | None = None
@@ -61,13 +65,21 @@ class RunOptions:
                 "expected chunk_batches >= 1, checkpoint_every >= 1 and null_permutations >= 0, "
                 f"got {self.chunk_batches}, {self.checkpoint_every}, {self.null_permutations}"
             )
+        if self.estimator not in ESTIMATORS:
+            raise InvalidInputError(f"expected estimator in {ESTIMATORS}, got {self.estimator!r}")
         if self.target_stderr is not None and not self.target_stderr > 0:
             raise InvalidInputError(f"expected target_stderr > 0, got {self.target_stderr!r}")
+        if self.target_stderr is not None and self.estimator != "minibatch":
+            raise InvalidInputError(
+                f"target_stderr needs the per-batch standard errors of estimator='minibatch', "
+                f"got estimator={self.estimator!r}"
+            )
 
     def resume_key(self) -> dict[str, Any]:
         """The options a resumed run must share with the checkpointed one."""
         keep = ("batch_size", "max_length", "num_samples", "text_column", "dataset_config",
-                "split", "kernel", "threshold", "null_permutations", "seed")  # fmt: skip
+                "split", "kernel", "threshold", "estimator", "null_permutations",
+                "seed")  # fmt: skip
         return {key: value for key, value in asdict(self).items() if key in keep}
 
 
@@ -84,15 +96,21 @@ class Comparison:
     def self_similarity(self) -> bool:
         return self.model_a is self.model_b and self.layers_a == self.layers_b
 
-    def new_metric(self, options: RunOptions, *, paired: bool = False) -> MinibatchCKA:
+    def new_metric(self, options: RunOptions, pooling: str, *, paired: bool = False) -> Accumulator:
         """A fresh accumulator; ``paired`` forces two sides even for a self-comparison."""
-        return MinibatchCKA(
+        two_sided = paired or not self.self_similarity
+        widths = pooling != "flatten"  # flattened features are tokens x hidden wide
+        return new_accumulator(
+            options.estimator,  # type: ignore[arg-type]
             len(self.layers_a),
-            None if self.self_similarity and not paired else len(self.layers_b),
+            len(self.layers_b) if two_sided else None,
             kernel=options.kernel,  # type: ignore[arg-type]
             threshold=options.threshold,
             layer_names_a=self.layers_a,
             layer_names_b=self.layers_b,
+            max_bytes=options.max_bytes,
+            dims_a=self.model_a.feature_widths(self.layers_a) if widths else None,
+            dims_b=self.model_b.feature_widths(self.layers_b) if widths and two_sided else None,
         )
 
 
@@ -100,10 +118,10 @@ class Comparison:
 class Accumulated:
     """What one comparison accumulated: the CKA metric and the permutation-null metrics."""
 
-    metric: MinibatchCKA
-    nulls: list[MinibatchCKA]
+    metric: Accumulator
+    nulls: list[Accumulator]
 
-    def accumulators(self) -> list[MinibatchCKA]:
+    def accumulators(self) -> list[Accumulator]:
         return [self.metric, *self.nulls]
 
     def null_matrix(self) -> torch.Tensor | None:
@@ -273,8 +291,8 @@ def run_comparisons(
     slots = {key: slot for slot, key in enumerate(layers_by_model)}
     accumulated = [
         Accumulated(
-            c.new_metric(options),
-            [c.new_metric(options, paired=True) for _ in range(options.null_permutations)],
+            c.new_metric(options, pooling),
+            [c.new_metric(options, pooling, paired=True) for _ in range(options.null_permutations)],
         )
         for c in comparisons
     ]
@@ -321,7 +339,10 @@ def run_comparisons(
                     save_checkpoint(
                         options.checkpoint_dir, rank, all_accumulators, done, run_fingerprint
                     )
-                if _precise_enough(accumulated, options.target_stderr):
+                if options.target_stderr is not None and all(
+                    stderr_target_reached(item.metric, options.target_stderr)  # type: ignore[arg-type]
+                    for item in accumulated
+                ):
                     stopped_early = True
                     break
         except BaseException:
@@ -362,19 +383,6 @@ def _update(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + draw)
         order = torch.randperm(feats_b[0].shape[0], generator=generator)
         null.update(feats_a, [f[order] for f in feats_b])
-
-
-def _precise_enough(accumulated: Sequence[Accumulated], target: float | None) -> bool:
-    """Whether every defined cell of every comparison has a standard error below ``target``."""
-    if target is None or any(item.metric.n_batches < 2 for item in accumulated):
-        return False
-    for item in accumulated:
-        with contextlib.suppress(Warning):
-            stderr = item.metric.compute_stderr()
-        defined = stderr[~torch.isnan(stderr)]
-        if defined.numel() == 0 or bool((defined >= target).any()):
-            return False
-    return True
 
 
 def _progress(

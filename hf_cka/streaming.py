@@ -1,0 +1,720 @@
+"""Exact full-data linear CKA streamed batch by batch, the permutation null and stopping rules.
+
+:class:`StreamingLinearCKA` gives the same numbers as ``functional.cka(X, Y)`` (Kornblith et al.
+2019, biased HSIC) or ``functional.cka(X, Y, debiased=True)`` (unbiased HSIC, Song et al. 2012)
+on the concatenation of all batches, without ever holding the ``(n, n)`` Gram matrices: it keeps
+float64 sufficient statistics whose size depends on the layer widths only. For one layer pair with
+features ``x_i`` (width ``p``) and ``y_i`` (width ``q``), ``K = X X^T``, ``L = Y Y^T``, ``K~`` the
+Gram matrix with a zeroed diagonal, ``s_x = sum_i x_i``, ``a_i = ||x_i||^2``, ``b_i = ||y_i||^2``:
+
+* ``tr(K~ L~) = ||X^T Y||_F^2 - sum_i a_i b_i``,
+* ``1^T K~ 1 = ||s_x||^2 - sum_i a_i``,
+* ``1^T K~ L~ 1 = sum_i (x_i.s_x - a_i)(y_i.s_y - b_i)
+  = s_x^T (X^T Y) s_y - s_x.(sum_i b_i x_i) - s_y.(sum_i a_i y_i) + sum_i a_i b_i``,
+* ``HSIC_u = [tr(K~L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~L~ 1] / (n(n-3))``,
+* ``HSIC_b = ||X_c^T Y_c||_F^2 / (n-1)^2`` with ``X_c^T Y_c = X^T Y - s_x s_y^T / n``.
+
+The self terms ``HSIC(K, K)`` take ``y = x``: they need the per-layer ``X^T X``, ``s_x``,
+``sum_i a_i``, ``sum_i a_i^2`` and ``sum_i a_i x_i``. The states are therefore, with ``P`` and
+``Q`` the summed widths of the ``La`` and ``Lb`` layers (all layers of a side side by side):
+``X^T Y`` ``(P, Q)`` (every layer pair at once: one matmul per batch), ``sum_i x_i b_i^T``
+``(P, Lb)``, ``sum_i y_i a_i^T`` ``(Q, La)``, ``sum_i a_i b_i^T`` ``(La, Lb)``, and per side the
+diagonal blocks ``X_l^T X_l`` (one matmul per layer), ``s_x``, ``sum a``, ``sum a^2``,
+``sum a_i x_i``. For self-similarity (``num_layers_b=None``) side B is side A and ``X^T Y`` is
+the ``(P, P)`` matrix ``X^T X``. Memory is ``O(P Q)`` (see :func:`estimate_bytes`); each batch
+costs ``O(n P Q)``.
+
+Numerics: uncentred moments of features with a large mean cancel catastrophically (the fourth
+order terms worst). Both HSIC estimators are invariant to shifting every ``x_i`` by a constant
+vector (the biased one through ``H``; the U-centering annihilates the ``x_i.c + x_j.c + c.c``
+that a shift adds to ``K_ij``), so every sample is shifted by a reference vector per feature: the
+mean of the first batch this accumulator saw. The shift is not summed: :meth:`merge` and
+:meth:`sync` first re-express the sums at a common shift (exact polynomial identities, written in
+:meth:`StreamingLinearCKA._rebase`), so accumulators with different first batches still combine.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+
+from .errors import (
+    BatchTooSmallError,
+    EstimatorWarning,
+    InvalidInputError,
+    MemoryBudgetError,
+    NonFiniteActivationError,
+    ShapeMismatchError,
+)
+from .functional import Kernel, as_features
+from .metric import MinibatchCKA, layer_names, nan_constant_layers
+
+Estimator = Literal["minibatch", "linear", "debiased"]
+ESTIMATORS: tuple[str, ...] = ("minibatch", "linear", "debiased")
+Features = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+_GIB = 2**30
+
+
+def estimate_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None) -> int:
+    """Peak bytes of a :class:`StreamingLinearCKA` for layers of widths ``dims_a`` x ``dims_b``.
+
+    ``dims_b=None`` means self-similarity. Counts the float64 states (dominated by the
+    ``sum(dims_a) x sum(dims_b)`` cross-moment), the shifts and the largest temporary of
+    ``compute``; not counted: one batch of features in float64
+    (``n * (sum(dims_a) + sum(dims_b)) * 8`` bytes).
+    """
+    dims_a = list(dims_a)
+    sides = [dims_a] if dims_b is None else [dims_a, list(dims_b)]
+    states = sum(math.prod(shape) for shape in _state_shapes(*sides).values())
+    shifts = sum(sum(dims) for dims in sides)
+    temporary = 2 * max(max(dims) * sum(sides[-1]) for dims in sides)
+    return 8 * (states + shifts + temporary)
+
+
+def _state_shapes(dims_a: list[int], dims_b: list[int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of the summed states; side B's own states exist only when ``dims_b`` is given."""
+    p, la = sum(dims_a), len(dims_a)
+    q, lb = (p, la) if dims_b is None else (sum(dims_b), len(dims_b))
+    shapes: dict[str, tuple[int, ...]] = {
+        "cross": (p, q),
+        "cross_sq_ab": (p, lb),
+        "sq_sq": (la, lb),
+        "n_samples": (),
+        "n_batches": (),
+    }
+    if dims_b is not None:
+        shapes["cross_sq_ba"] = (q, la)
+    for side, dims in (("a", dims_a), ("b", dims_b)):
+        if dims is not None:
+            shapes[f"sum_{side}"] = shapes[f"self_sq_{side}"] = (sum(dims),)
+            shapes[f"sq_{side}"] = shapes[f"quartic_{side}"] = (len(dims),)
+            shapes[f"gram_{side}"] = (sum(d * d for d in dims),)
+    return shapes
+
+
+def biased_dimension_warning(n: int, dims: Sequence[int], *, stacklevel: int = 2) -> None:
+    """Warn (:class:`EstimatorWarning`) when biased CKA is used with fewer samples than features.
+
+    With ``n < d`` the biased HSIC is dominated by the Gram diagonal and CKA is inflated towards 1
+    even for independent representations (Murphy et al. 2024): Gaussian noise with ``n = 100``
+    and ``d = 1000`` scores about 0.9.
+    """
+    width = max(dims, default=0)
+    if n < width:
+        warnings.warn(
+            f"biased linear CKA with n={n} samples and layers of up to d={width} features is "
+            "inflated towards 1 when n < d (independent data can score ~0.9); use the debiased "
+            "estimator (estimator='debiased' or 'minibatch') or more samples, and compare with "
+            "permutation_null()",
+            EstimatorWarning,
+            stacklevel=stacklevel,
+        )
+
+
+class StreamingLinearCKA:
+    """Exact full-data linear CKA (biased or debiased) accumulated batch by batch.
+
+    Same interface as :class:`~hf_cka.metric.MinibatchCKA` (``update``, ``compute``, ``reset``,
+    ``merge``, ``sync``, ``state_dict``/``load_state_dict``, ``n_samples``, ``n_batches``); the
+    result equals ``functional.cka`` on all samples concatenated, whatever the batching. There is
+    no ``compute_stderr``: batches are not exchangeable pieces of this estimator.
+
+    The states are allocated when the layer widths are known: at construction when ``dims_a``
+    (and ``dims_b``) are given, else at the first ``update``, on the device of its features.
+    Pass the widths when using ``sync`` so that a process that saw no batch can take part.
+
+    Args:
+        num_layers_a: number of layers on side A.
+        num_layers_b: number of layers on side B; ``None`` means self-similarity of side A.
+        debiased: use the unbiased HSIC (``functional.cka(..., debiased=True)``); needs
+            ``n >= 4`` samples in total. The default is the biased HSIC of Kornblith et al.
+        layer_names_a: optional names used in messages.
+        layer_names_b: optional names used in messages.
+        max_bytes: memory budget; :class:`MemoryBudgetError` is raised before allocating states
+            that :func:`estimate_bytes` says exceed it. ``None``: no limit.
+        dims_a: optional widths of the A layers (allocates and checks the budget now).
+        dims_b: optional widths of the B layers.
+    """
+
+    def __init__(
+        self,
+        num_layers_a: int,
+        num_layers_b: int | None = None,
+        *,
+        debiased: bool = False,
+        layer_names_a: Sequence[str] | None = None,
+        layer_names_b: Sequence[str] | None = None,
+        max_bytes: int | None = None,
+        dims_a: Sequence[int] | None = None,
+        dims_b: Sequence[int] | None = None,
+    ) -> None:
+        self.layer_names_a, self.layer_names_b = layer_names(
+            num_layers_a, num_layers_b, layer_names_a, layer_names_b
+        )
+        self.self_similarity = num_layers_b is None
+        self.num_layers_a, self.num_layers_b = num_layers_a, len(self.layer_names_b)
+        self.debiased = debiased
+        self.max_bytes = max_bytes
+        self.dims_a: list[int] | None = None
+        self.dims_b: list[int] | None = None
+        self.states: dict[str, torch.Tensor] = {}
+        if dims_a is not None:
+            self._allocate(list(dims_a), None if dims_b is None else list(dims_b), "cpu")
+
+    # ----------------------------------------------------------------------------- layout
+    def _allocate(
+        self, dims_a: list[int], dims_b: list[int] | None, device: torch.device | str
+    ) -> None:
+        """Check the budget, then create the zeroed states as views of one flat buffer."""
+        if self.self_similarity:
+            dims_b = None
+        elif dims_b is None:
+            raise InvalidInputError(f"expected dims_b for {self.num_layers_b} layers, got None")
+        sides = ((dims_a, self.num_layers_a, "A"), (dims_b, self.num_layers_b, "B"))
+        for dims, count, side in sides:
+            if dims is not None and len(dims) != count:
+                raise ShapeMismatchError(f"expected {count} widths for side {side}, got {dims}")
+        needed = estimate_bytes(dims_a, dims_b)
+        if self.max_bytes is not None and needed > self.max_bytes:
+            raise MemoryBudgetError(
+                f"the exact streaming CKA estimator needs {needed / _GIB:.2f} GiB for "
+                f"{self.num_layers_a}x{self.num_layers_b} layers (widths {sum(dims_a)} x "
+                f"{sum(dims_a if dims_b is None else dims_b)} in total: one float64 cross-moment "
+                f"per layer pair), but max_bytes allows {self.max_bytes / _GIB:.2f} GiB; select "
+                "fewer layers, or use estimator='minibatch' whose memory does not grow with width"
+            )
+        self.dims_a, self.dims_b = dims_a, dims_a if dims_b is None else dims_b
+        shapes = _state_shapes(dims_a, dims_b)
+        self._buffer = torch.zeros(
+            sum(math.prod(s) for s in shapes.values()), dtype=torch.float64, device=device
+        )
+        self.states, offset = {}, 0
+        for key, shape in shapes.items():
+            size = math.prod(shape)
+            self.states[key] = self._buffer[offset : offset + size].view(shape)
+            offset += size
+        self.shift_a = torch.zeros(sum(self.dims_a), dtype=torch.float64, device=device)
+        self.shift_b = self.shift_a if dims_b is None else self.shift_a.new_zeros(sum(dims_b))
+        self._segments = {side: _segments(dims, device) for side, dims in self._sides()}
+
+    def _sides(self) -> list[tuple[str, list[int]]]:
+        assert self.dims_a is not None and self.dims_b is not None
+        return [("a", self.dims_a)] + ([] if self.self_similarity else [("b", self.dims_b)])
+
+    def _get(self, key: str) -> torch.Tensor:
+        """State ``key``, where side B and ``cross_sq_ba`` alias side A for self-similarity."""
+        if self.self_similarity and key == "cross_sq_ba":
+            key = "cross_sq_ab"
+        elif self.self_similarity and key.endswith("_b"):
+            key = key[:-2] + "_a"
+        return self.states[key]
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batches accumulated so far (all processes after ``sync``)."""
+        return int(self.states["n_batches"]) if self.states else 0
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples accumulated so far (all processes after ``sync``)."""
+        return int(self.states["n_samples"]) if self.states else 0
+
+    def reset(self) -> None:
+        """Zero every state (the layer widths and device are kept)."""
+        if self.states:
+            self._buffer.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the states, the shifts and the layer widths, e.g. for a checkpoint."""
+        if not self.states:
+            return {}
+        out = {k: v.detach().cpu().clone() for k, v in self.states.items()}
+        out["shift_a"], out["shift_b"] = self.shift_a.cpu().clone(), self.shift_b.cpu().clone()
+        out["dims_a"], out["dims_b"] = torch.tensor(self.dims_a), torch.tensor(self.dims_b)
+        return out
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace the states by ``states`` (as returned by :meth:`state_dict`)."""
+        if not states:
+            self.states = {}
+            return
+        if "dims_a" not in states:
+            raise ShapeMismatchError("state dict lacks 'dims_a'; was it saved by hf_cka?")
+        dims_a, dims_b = states["dims_a"].tolist(), states["dims_b"].tolist()
+        if self.states and (dims_a, dims_b) != (self.dims_a, self.dims_b):
+            raise ShapeMismatchError(
+                f"state dict holds layer widths {dims_a} x {dims_b}, this accumulator "
+                f"{self.dims_a} x {self.dims_b} (a checkpoint of another layer selection?)"
+            )
+        device = self._buffer.device if self.states else torch.device("cpu")
+        self._allocate(dims_a, None if self.self_similarity else dims_b, device)
+        missing = set(self.states) - set(states)
+        if missing:
+            raise ShapeMismatchError(f"state dict lacks {sorted(missing)}; was it saved by hf_cka?")
+        for key, value in self.states.items():
+            value.copy_(states[key])
+        self.shift_a.copy_(states["shift_a"])
+        self.shift_b.copy_(states["shift_b"])
+
+    # ----------------------------------------------------------------------------- update
+    def update(
+        self,
+        features_a: Sequence[torch.Tensor],
+        features_b: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """Add one batch: one ``(n, d)`` tensor per layer, the same ``n >= 1`` samples per side.
+
+        Raises:
+            NonFiniteActivationError: a feature tensor holds NaN or Inf.
+            ShapeMismatchError: wrong number of layers, widths or differing sample counts.
+            MemoryBudgetError: the first batch reveals widths whose states exceed ``max_bytes``.
+        """
+        if self.self_similarity and features_b is not None:
+            raise InvalidInputError(
+                "this accumulator measures self-similarity (num_layers_b=None): call update() "
+                "without features_b, or create StreamingLinearCKA(num_layers_a, num_layers_b)"
+            )
+        if not self.self_similarity and features_b is None:
+            raise InvalidInputError(
+                f"expected features_b for {self.num_layers_b} layers of model B, got None"
+            )
+        x, dims_a = self._concat(features_a, self.num_layers_a, self.layer_names_a, "A")
+        y, dims_b = (
+            (x, None)
+            if features_b is None
+            else self._concat(features_b, self.num_layers_b, self.layer_names_b, "B")
+        )
+        if y.shape[0] != x.shape[0]:
+            raise ShapeMismatchError(
+                f"model A gave {x.shape[0]} samples in this batch and model B {y.shape[0]}; both "
+                "sides must describe the same samples"
+            )
+        if not self.states:
+            self._allocate(dims_a, dims_b, x.device)
+        if (dims_a, dims_b or dims_a) != (self.dims_a, self.dims_b):
+            raise ShapeMismatchError(
+                f"layer widths changed from {self.dims_a} x {self.dims_b} to {dims_a} x "
+                f"{dims_b or dims_a}; every batch must come from the same layers"
+            )
+        x, y = x.to(self._buffer.device), y.to(self._buffer.device)
+        if self.n_samples == 0:  # the reference shift: this first batch's mean
+            self.shift_a.copy_(x.mean(0))
+            self.shift_b.copy_(y.mean(0))
+        self._accumulate(x - self.shift_a, None if features_b is None else y - self.shift_b)
+
+    def _concat(
+        self, features: Sequence[torch.Tensor], num_layers: int, names: list[str], side: str
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The layers of one side side by side as float64 ``(n, P)``, and their widths."""
+        if len(features) != num_layers:
+            raise ShapeMismatchError(
+                f"expected {num_layers} feature tensors for side {side}, got {len(features)}"
+            )
+        feats = [as_features(f) for f in features]
+        sizes = {f.shape[0] for f in feats}
+        if len(sizes) != 1:
+            raise ShapeMismatchError(
+                f"every layer of side {side} must hold the same samples, got batch sizes "
+                f"{sorted(sizes)}"
+            )
+        if sizes == {0}:
+            raise BatchTooSmallError(f"expected at least one sample in the batch for side {side}")
+        for name, f in zip(names, feats, strict=True):
+            if not torch.isfinite(f).all():
+                raise NonFiniteActivationError(
+                    f"layer '{name}' produced NaN or Inf activations in batch {self.n_batches}; "
+                    "check the model dtype (try dtype='float32') and the inputs"
+                )
+        return torch.cat(feats, dim=1), [f.shape[1] for f in feats]
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Add the moments of shifted features ``x (n, P)`` and ``y (n, Q)`` (None: y = x)."""
+        s = self.states
+        xy = {"a": x, "b": x if y is None else y}
+        norms = {"a": (x * x) @ self._segments["a"][0]}  # per-layer squared norms (n, L)
+        norms["b"] = norms["a"] if y is None else (y * y) @ self._segments["b"][0]
+        s["cross"].addmm_(x.T, xy["b"])
+        s["cross_sq_ab"].addmm_(x.T, norms["b"])
+        s["sq_sq"].addmm_(norms["a"].T, norms["b"])
+        if y is not None:
+            s["cross_sq_ba"].addmm_(y.T, norms["a"])
+        for side, _ in self._sides():
+            v, sq, (_, layer_of, slices) = xy[side], norms[side], self._segments[side]
+            s[f"sum_{side}"] += v.sum(0)
+            s[f"sq_{side}"] += sq.sum(0)
+            s[f"self_sq_{side}"] += (v * sq[:, layer_of]).sum(0)
+            s[f"quartic_{side}"] += (sq * sq).sum(0)
+            for block, cols in zip(_gram_blocks(s[f"gram_{side}"], slices), slices, strict=True):
+                block.addmm_(v[:, cols].T, v[:, cols])
+        s["n_samples"] += x.shape[0]
+        s["n_batches"] += 1
+
+    # ----------------------------------------------------------------------------- combine
+    def merge(self, other: StreamingLinearCKA) -> StreamingLinearCKA:
+        """Add the states of ``other`` (same layers and widths) into this accumulator; returns self.
+
+        This accumulator's sums are first re-expressed at ``other``'s shift (``other`` is left
+        untouched).
+        """
+        if (other.num_layers_a, other.num_layers_b, other.self_similarity) != (
+            self.num_layers_a, self.num_layers_b, self.self_similarity
+        ):  # fmt: skip
+            raise ShapeMismatchError(
+                f"cannot merge a {other.num_layers_a}x{other.num_layers_b} accumulator into a "
+                f"{self.num_layers_a}x{self.num_layers_b} one"
+            )
+        if not other.states or other.n_samples == 0:
+            return self
+        if not self.states:
+            self.load_state_dict(other.state_dict())
+            return self
+        if (other.dims_a, other.dims_b) != (self.dims_a, self.dims_b):
+            raise ShapeMismatchError(
+                f"cannot merge layer widths {other.dims_a} x {other.dims_b} into "
+                f"{self.dims_a} x {self.dims_b}"
+            )
+        device = self._buffer.device
+        self._rebase(other.shift_a.to(device), other.shift_b.to(device))
+        self._buffer += other._buffer.to(device)
+        return self
+
+    def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the states across processes with TWO calls of ``all_reduce_sum``.
+
+        The first sums ``[n * shift_a, n * shift_b, n]`` to agree on a common shift (the
+        sample-weighted mean of the processes' shifts); every process re-expresses its sums at
+        that shift, and the second call sums the flat state buffer. ``all_reduce_sum`` receives
+        a 1-D float64 tensor and returns the element-wise sum over processes.
+
+        Raises:
+            InvalidInputError: the layer widths are unknown (no batch and no ``dims_a``).
+        """
+        if not self.states:
+            raise InvalidInputError(
+                "this process has no states to sync (no batch seen and no layer widths given): "
+                "pass dims_a/dims_b to StreamingLinearCKA so that every process can take part"
+            )
+        n = self.states["n_samples"]
+        shifts = [self.shift_a] + ([] if self.self_similarity else [self.shift_b])
+        head = all_reduce_sum(torch.cat([n * v for v in shifts] + [n.reshape(1)]))
+        head = head.to(device=self._buffer.device, dtype=torch.float64)
+        if head[-1] == 0:
+            return
+        common = head[:-1] / head[-1]
+        p = self.shift_a.numel()
+        self._rebase(common[:p], common[:p] if self.self_similarity else common[p:])
+        self._buffer.copy_(all_reduce_sum(self._buffer))
+
+    def _rebase(self, new_shift_a: torch.Tensor, new_shift_b: torch.Tensor) -> None:
+        """Re-express the sums for samples shifted by ``new_shift`` instead of the current shift.
+
+        With ``u' = u + d`` (``d = old shift - new shift``), per layer ``c = ||d||^2``,
+        ``sd = s.d``, ``a' = a + 2 u.d + c``, and the identities (side sums over samples)
+
+            s' = s + n d,   G' = G + s d^T + d s^T + n d d^T,   sum a' = sum a + 2 sd + n c,
+            sum a' u' = t + 2 G d + c s + (sum a + 2 sd + n c) d,
+            sum a'^2 = sum a^2 + 4 t.d + 4 d^T G d + 2 c sum a + 4 c sd + n c^2,
+            X'^T Y' = M + s_x e^T + d s_y^T + n d e^T,
+            sum x' b'^T = T_xb + 2 M E_b + s_x c_b^T + d (sum b + 2 sd_b + n c_b)^T,
+            sum a' b'^T = S_ab + 2 E_a^T T_xb + 2 T_ya^T E_b + 4 E_a^T M E_b + (sum a) c_b^T
+                          + c_a (sum b)^T + 2 sd_a c_b^T + 2 c_a sd_b^T + n c_a c_b^T,
+
+        where ``t = sum a u``, ``M = X^T Y``, ``T_xb = sum x b^T``, ``T_ya = sum y a^T`` and
+        ``E_a`` is the ``(P, La)`` matrix holding ``d`` in each layer's block (``e``, ``E_b``
+        likewise for side B). All right-hand sides use the old sums.
+        """
+        s, n = self.states, self.states["n_samples"]
+        delta = {"a": self.shift_a - new_shift_a, "b": self.shift_b - new_shift_b}
+        spread = {}  # per side: E (P, L), c (L,), sd (L,)
+        for side in ("a", "b"):
+            member, d = self._segments["a" if self.self_similarity else side][0], delta[side]
+            total = self._get(f"sum_{side}")
+            spread[side] = (member * d[:, None], (d * d) @ member, (total * d) @ member)
+        (e_a, c_a, sd_a), (e_b, c_b, sd_b) = spread["a"], spread["b"]
+        m, t_xb, t_ya = s["cross"], self._get("cross_sq_ab"), self._get("cross_sq_ba")
+        sq_a, sq_b = self._get("sq_a"), self._get("sq_b")
+        m_eb = m @ e_b
+        new_sq_sq = (
+            s["sq_sq"] + 2 * e_a.T @ t_xb + 2 * t_ya.T @ e_b + 4 * e_a.T @ m_eb
+            + torch.outer(sq_a + 2 * sd_a, c_b) + torch.outer(c_a, sq_b + 2 * sd_b)
+            + n * torch.outer(c_a, c_b)
+        )  # fmt: skip
+        new_t_xb = t_xb + 2 * m_eb + torch.outer(self._get("sum_a"), c_b)
+        new_t_xb += torch.outer(delta["a"], sq_b + 2 * sd_b + n * c_b)
+        if not self.self_similarity:
+            t_ya += 2 * m.T @ e_a + torch.outer(s["sum_b"], c_a)
+            t_ya += torch.outer(delta["b"], sq_a + 2 * sd_a + n * c_a)
+        s["cross_sq_ab"].copy_(new_t_xb)
+        s["sq_sq"].copy_(new_sq_sq)
+        m.addr_(self._get("sum_a"), delta["b"]).addr_(delta["a"], self._get("sum_b"))
+        m.addr_(delta["a"], delta["b"], alpha=float(n))
+        for side, _ in self._sides():
+            self._rebase_side(side, delta[side], *spread[side][1:])
+        self.shift_a.copy_(new_shift_a)
+        if not self.self_similarity:
+            self.shift_b.copy_(new_shift_b)
+
+    def _rebase_side(self, side: str, d: torch.Tensor, c: torch.Tensor, sd: torch.Tensor) -> None:
+        """The per-side identities of :meth:`_rebase` (s, G, sum a, t, sum a^2)."""
+        s, n = self.states, self.states["n_samples"]
+        member, layer_of, slices = self._segments[side]
+        total, t, sq = s[f"sum_{side}"], s[f"self_sq_{side}"], s[f"sq_{side}"]
+        blocks = _gram_blocks(s[f"gram_{side}"], slices)
+        g_d = torch.cat([block @ d[cols] for block, cols in zip(blocks, slices, strict=True)])
+        s[f"quartic_{side}"] += (
+            4 * (t * d) @ member + 4 * (d * g_d) @ member + 2 * c * sq + 4 * c * sd + n * c * c
+        )
+        t += 2 * g_d + c[layer_of] * total + d * (sq + 2 * sd + n * c)[layer_of]
+        for block, cols in zip(blocks, slices, strict=True):
+            block.addr_(total[cols], d[cols]).addr_(d[cols], total[cols])
+            block.addr_(d[cols], d[cols], alpha=float(n))
+        sq += 2 * sd + n * c
+        total += n * d
+
+    # ----------------------------------------------------------------------------- compute
+    def compute(self) -> torch.Tensor:
+        """The ``(La, Lb)`` float64 CKA matrix on all samples seen (CPU tensor).
+
+        Cells of a constant layer are NaN (one :class:`ConstantLayerWarning`); values are never
+        clamped. The biased estimator warns (:class:`EstimatorWarning`) when ``n < d``.
+
+        Raises:
+            InvalidInputError: no batch yet.
+            BatchTooSmallError: ``debiased=True`` with fewer than 4 samples in total.
+        """
+        n = self.n_samples
+        if n == 0:
+            raise InvalidInputError("expected at least 1 accumulated batch, got 0; call update()")
+        if self.debiased and n < 4:
+            raise BatchTooSmallError(
+                f"the debiased estimator needs at least 4 samples in total, got {n}; feed more "
+                "data or use debiased=False"
+            )
+        if not self.debiased:
+            biased_dimension_warning(n, self.dims_a + self.dims_b, stacklevel=3)
+        self_a = self._defined_self_terms("a", self.layer_names_a)
+        names_b = self.layer_names_b
+        self_b = self_a if self.self_similarity else self._defined_self_terms("b", names_b)
+        return (self._pair_terms() / torch.sqrt(self_a[:, None] * self_b[None, :])).cpu()
+
+    def _defined_self_terms(self, side: str, names: list[str]) -> torch.Tensor:
+        """Per layer self HSIC numerator, NaN (one warning) for layers constant over the data.
+
+        A layer is constant when ``||X_c^T X_c||_F^2 <= CONSTANT_RTOL ||X^T X||_F^2`` (shifted
+        data), the test :class:`MinibatchCKA` applies to its Gram energies.
+        """
+        centred, raw, hsic = self._self_terms(side)
+        checked = nan_constant_layers(centred, raw, names)
+        return torch.where(checked.isnan(), checked, hsic)
+
+    def _self_terms(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per layer: ``||X_c^T X_c||^2``, ``||X^T X||^2`` (constancy test) and the self HSIC."""
+        n = self.states["n_samples"]
+        member, _, slices = self._segments["a" if self.self_similarity else side]
+        total, t = self._get(f"sum_{side}"), self._get(f"self_sq_{side}")
+        sq, quartic = self._get(f"sq_{side}"), self._get(f"quartic_{side}")
+        blocks = _gram_blocks(self._get(f"gram_{side}"), slices)
+        pairs = list(zip(blocks, [total[c] for c in slices], strict=True))
+        centred = torch.stack([(g - torch.outer(v, v) / n).square().sum() for g, v in pairs])
+        raw = torch.stack([g.square().sum() for g in blocks])
+        if not self.debiased:
+            return centred, raw, centred
+        s_g_s = torch.stack([v @ g @ v for g, v in pairs])
+        k1 = (total * total) @ member - sq
+        kk1 = s_g_s - 2 * (total * t) @ member + quartic
+        return centred, raw, _hsic_u(raw - quartic, k1, k1, kk1, n)
+
+    def _pair_terms(self) -> torch.Tensor:
+        """``(La, Lb)`` numerators: ``||X_c^T Y_c||^2`` or ``n (n-3) HSIC_u`` per layer pair.
+
+        One loop over the A layers, each vectorised over all B layers (temporaries of
+        ``d_a x sum(dims_b)``).
+        """
+        s, n = self.states, self.states["n_samples"]
+        member_b = self._segments["a" if self.self_similarity else "b"][0]
+        _, _, slices_a = self._segments["a"]
+        sum_a, sum_b = s["sum_a"], self._get("sum_b")
+        rows = []
+        for cols in slices_a:
+            block, total = s["cross"][cols], sum_a[cols]
+            if not self.debiased:
+                rows.append((block - torch.outer(total, sum_b) / n).square().sum(0) @ member_b)
+                continue
+            frob = block.square().sum(0) @ member_b
+            rows.append(torch.stack([frob, (total @ block * sum_b) @ member_b]))
+        if not self.debiased:
+            return torch.stack(rows)
+        frob, s_m_s = torch.stack(rows).unbind(1)
+        member_a = self._segments["a"][0]
+        sq_a, sq_b, sq_sq = s["sq_a"], self._get("sq_b"), s["sq_sq"]
+        k1 = (sum_a * sum_a) @ member_a - sq_a
+        l1 = (sum_b * sum_b) @ member_b - sq_b
+        kl1 = (
+            s_m_s
+            - ((sum_a[:, None] * self._get("cross_sq_ab")).T @ member_a).T
+            - (sum_b[:, None] * self._get("cross_sq_ba")).T @ member_b
+            + sq_sq
+        )
+        return _hsic_u(frob - sq_sq, k1[:, None], l1[None, :], kl1, n)
+
+
+def _hsic_u(
+    tr_kl: torch.Tensor, k1: torch.Tensor, l1: torch.Tensor, kl1: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
+    """``n (n - 3) HSIC_u = tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1``."""
+    return tr_kl + k1 * l1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1
+
+
+def _segments(
+    dims: list[int], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
+    """Layer layout of a side: 0/1 membership ``(P, L)``, layer index per column, column slices."""
+    layer_of = torch.repeat_interleave(torch.arange(len(dims), device=device),
+                                       torch.tensor(dims, device=device))  # fmt: skip
+    member = (layer_of[:, None] == torch.arange(len(dims), device=device)).to(torch.float64)
+    ends = torch.tensor(dims).cumsum(0).tolist()
+    return member, layer_of, [slice(e - d, e) for d, e in zip(dims, ends, strict=True)]
+
+
+def _gram_blocks(flat: torch.Tensor, slices: list[slice]) -> list[torch.Tensor]:
+    """Views ``(d_l, d_l)`` of the per-layer Gram blocks stored back to back in ``flat``."""
+    blocks, offset = [], 0
+    for cols in slices:
+        d = cols.stop - cols.start
+        blocks.append(flat[offset : offset + d * d].view(d, d))
+        offset += d * d
+    return blocks
+
+
+def new_accumulator(
+    estimator: Estimator,
+    num_layers_a: int,
+    num_layers_b: int | None = None,
+    *,
+    kernel: Kernel = "linear",
+    threshold: float = 1.0,
+    layer_names_a: Sequence[str] | None = None,
+    layer_names_b: Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    dims_a: Sequence[int] | None = None,
+    dims_b: Sequence[int] | None = None,
+) -> MinibatchCKA | StreamingLinearCKA:
+    """The accumulator for ``estimator``: ``"minibatch"`` (Nguyen et al., any kernel), or the exact
+    full-data ``"linear"`` (biased, Kornblith et al.) and ``"debiased"`` linear CKA.
+
+    ``max_bytes``, ``dims_a`` and ``dims_b`` concern the exact estimators only (the minibatch
+    states do not grow with the width); ``kernel`` and ``threshold`` the minibatch one only.
+    """
+    names = {"layer_names_a": layer_names_a, "layer_names_b": layer_names_b}
+    if estimator == "minibatch":
+        return MinibatchCKA(num_layers_a, num_layers_b, kernel=kernel, threshold=threshold, **names)
+    if estimator not in ESTIMATORS:
+        raise InvalidInputError(f"expected estimator in {ESTIMATORS}, got {estimator!r}")
+    if kernel != "linear":
+        raise InvalidInputError(
+            f"the exact streaming estimator {estimator!r} supports kernel='linear' only, got "
+            f"{kernel!r}; use estimator='minibatch' for an RBF kernel"
+        )
+    return StreamingLinearCKA(
+        num_layers_a,
+        num_layers_b,
+        debiased=estimator == "debiased",
+        max_bytes=max_bytes,
+        dims_a=dims_a,
+        dims_b=dims_b,
+        **names,
+    )
+
+
+def permutation_null(
+    features_a: Features,
+    features_b: Features | None = None,
+    *,
+    estimator: Estimator = "debiased",
+    batch_size: int | None = None,
+    permutations: int = 5,
+    generator: torch.Generator | None = None,
+    kernel: Kernel = "linear",
+    threshold: float = 1.0,
+) -> torch.Tensor:
+    """CKA of ``features_a`` against ``features_b`` with the sample pairing shuffled.
+
+    Each permutation draws one random order of the samples and applies it to every B layer
+    (the rows of A stay in place), then runs ``estimator`` exactly as a real comparison would:
+    the exact estimators over all samples (``batch_size`` only bounds the memory of a step),
+    ``"minibatch"`` over consecutive batches of ``batch_size`` (default: one batch of all
+    samples). Shuffling destroys any dependence between the two sides, so the values show the
+    floor an estimator reports for unrelated representations of this ``n`` and these widths:
+    about 0 (within ``+-`` a few ``1/n``) for the debiased and minibatch estimators, and far above
+    0 for biased CKA when ``n`` is not much larger than ``d``. ``values.mean(0)`` and
+    ``values.std(0)`` summarise it per cell.
+
+    Args:
+        features_a: one ``(n, d)`` tensor per A layer (a list, or a dict such as
+            ``AutoCKA.extract_features`` returns; its keys name the layers).
+        features_b: the B layers for the same samples; ``None`` uses ``features_a``.
+        estimator: ``"debiased"``, ``"linear"`` (biased) or ``"minibatch"``.
+        batch_size: samples per ``update``.
+        permutations: number of random pairings.
+        generator: source of the permutations (seed it for reproducible values).
+        kernel: kernel of the minibatch estimator.
+        threshold: RBF bandwidth factor of the minibatch estimator.
+
+    Returns:
+        A float64 tensor ``(permutations, La, Lb)`` of null CKA values.
+    """
+    if permutations < 1:
+        raise InvalidInputError(f"expected permutations >= 1, got {permutations}")
+    names_a, feats_a = _named(features_a)
+    names_b, feats_b = (names_a, feats_a) if features_b is None else _named(features_b)
+    n = feats_a[0].shape[0]
+    if any(f.shape[0] != n for f in feats_a + feats_b):
+        raise ShapeMismatchError(
+            f"every layer must hold the same {n} samples, got "
+            f"{sorted({f.shape[0] for f in feats_a + feats_b})} rows"
+        )
+    step = n if batch_size is None else batch_size
+    values = []
+    for _ in range(permutations):
+        order = torch.randperm(n, generator=generator)
+        metric = new_accumulator(
+            estimator, len(feats_a), len(feats_b), kernel=kernel, threshold=threshold,
+            layer_names_a=names_a, layer_names_b=names_b,
+        )  # fmt: skip
+        for start in range(0, n, step):
+            rows = order[start : start + step]
+            metric.update([f[start : start + step] for f in feats_a], [f[rows] for f in feats_b])
+        values.append(metric.compute())
+    return torch.stack(values)
+
+
+def _named(features: Features) -> tuple[list[str] | None, list[torch.Tensor]]:
+    """Layer names (None for a list) and feature tensors of a list or a name -> tensor dict."""
+    if isinstance(features, Mapping):
+        return [str(k) for k in features], list(features.values())
+    return None, list(features)
+
+
+def stderr_target_reached(
+    metric: MinibatchCKA, target_stderr: float, *, min_batches: int = 10
+) -> bool:
+    """Whether a ``compare(..., target_stderr=...)`` run may stop after the batches seen so far.
+
+    True once ``metric`` holds at least ``min_batches`` batches and every defined cell's
+    delta-method standard error (:meth:`MinibatchCKA.compute_stderr`) is at most
+    ``target_stderr``. Cells of constant layers (non-finite standard error) are ignored. The
+    minimum matters: with few batches the variance estimate is itself noisy, and stopping the
+    first time it happens to be small would make the intervals too narrow.
+    """
+    if target_stderr <= 0:
+        raise InvalidInputError(f"expected target_stderr > 0, got {target_stderr}")
+    if metric.n_batches < max(min_batches, 2):
+        return False
+    stderr = metric.compute_stderr()
+    defined = stderr[torch.isfinite(stderr)]
+    return bool((defined <= target_stderr).all())
