@@ -65,6 +65,7 @@ def _short_labels(names: Sequence[Any], sep: str = ".", keep: int = 2) -> list[s
     ``'encoder.layer.11'`` becomes ``'layer.11'`` unless that would make two labels equal; labels
     still longer than 22 characters keep their end behind an ellipsis.
     """
+    names = [_readable(name) for name in names]
     parts = [str(name).split(sep) for name in names]
     longest = max((len(p) for p in parts), default=0)
     for k in range(keep, longest + 1):
@@ -77,6 +78,12 @@ def _short_labels(names: Sequence[Any], sep: str = ".", keep: int = 2) -> list[s
         "…" + label[-(_MAX_LABEL_CHARS - 1) :] if len(label) > _MAX_LABEL_CHARS else label
         for label in labels
     ]
+
+
+def _readable(name: Any) -> Any:
+    """``'encoder.layer.0:input'`` (the input of the first block) reads as ``'embeddings'``."""
+    text = str(name)
+    return "embeddings" if text.endswith(".0:input") else name
 
 
 def _tick_positions(n: int, max_ticks: int) -> list[int]:
