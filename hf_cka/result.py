@@ -49,6 +49,7 @@ from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hf_cka import distributed
 from hf_cka.errors import (
     HubPushError,
     InvalidInputError,
@@ -397,6 +398,8 @@ class CKAResult:
                 or the metadata is not JSON-serialisable.
         """
         target = Path(directory)
+        if not distributed.is_main_process():  # every process holds the same result
+            return target
         document = _json_text(self._document(), "metadata")
         with _atomic_directory(target) as staging:
             self._write(staging, document)
@@ -798,9 +801,14 @@ def _push_runs(
     max_attempts: int,
     backoff_s: float,
 ) -> str:
-    """Add ``results`` to the Hub dataset ``repo_id`` in one commit (see ``push_to_hub``)."""
+    """Add ``results`` to the Hub dataset ``repo_id`` in one commit (see ``push_to_hub``).
+
+    Only the main process pushes (the others return ``""``): every process holds the result.
+    """
     from hf_cka.cards import render_dataset_card
 
+    if not distributed.is_main_process():
+        return ""
     if max_attempts < 1:
         raise InvalidInputError(f"max_attempts must be >= 1; got {max_attempts}")
     files: dict[str, bytes] = {}
@@ -986,6 +994,8 @@ class DriftResult:
             InvalidInputError: as :meth:`CKAResult.save`.
         """
         target = Path(directory)
+        if not distributed.is_main_process():
+            return target
         document = _json_text(
             {
                 "schema": DRIFT_SCHEMA_NAME,
