@@ -99,10 +99,20 @@ def _run_view(run: Mapping[str, Any]) -> dict[str, Any]:
     shape = None
     if run.get("num_layers_a") is not None and run.get("num_layers_b") is not None:
         shape = f"{run['num_layers_a']} × {run['num_layers_b']}"
-    view = {key: metadata.get(key) for key in (
-        "pooling", "estimator", "n_samples", "dtype", "batch_size", "n_batches", "max_length",
-        "num_processes", "wall_time_s",
-    )}
+    view = {
+        key: metadata.get(key)
+        for key in (
+            "pooling",
+            "estimator",
+            "n_samples",
+            "dtype",
+            "batch_size",
+            "n_batches",
+            "max_length",
+            "num_processes",
+            "wall_time_s",
+        )
+    }
     if isinstance(view["wall_time_s"], float):
         view["wall_time_s"] = f"{view['wall_time_s']:.1f}"
     view.update(
@@ -139,8 +149,9 @@ def render_dataset_card(repo_id: str, runs: Sequence[Mapping[str, Any]]) -> Data
     validate_repo_id(repo_id)
     if not runs:
         raise InvalidInputError("a dataset card needs at least one run; got none")
-    views = sorted((_run_view(run) for run in runs), key=lambda v: (v["created_at"] or "",
-                                                                    v["run_id"]))
+    views = sorted(
+        (_run_view(run) for run in runs), key=lambda v: (v["created_at"] or "", v["run_id"])
+    )
     latest = dict(views[-1])
     # Run ids are validated identifiers (``validate_run_id``): safe inside a link target.
     latest["plot_path"] = Markup(f"plots/{latest['run_id']}.png")
@@ -148,7 +159,9 @@ def render_dataset_card(repo_id: str, runs: Sequence[Mapping[str, Any]]) -> Data
         pretty_name=f"CKA results {repo_id}", tags=list(CARD_TAGS), configs=CONFIGS
     )
     template = files("hf_cka.model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
-    content = _environment().from_string(template).render(
-        card_yaml=Markup(card_data.to_yaml()), repo_id=repo_id, runs=views, latest=latest
+    content = (
+        _environment()
+        .from_string(template)
+        .render(card_yaml=Markup(card_data.to_yaml()), repo_id=repo_id, runs=views, latest=latest)
     )
     return DatasetCard(content)

@@ -222,4 +222,3 @@ def lengths(encodings: Any, modality: str) -> list[int]:
 def same_tokens(enc_a: Any, enc_b: Any) -> bool:
     """Whether two text encodings hold identical token ids for every sample."""
     return list(enc_a["input_ids"]) == list(enc_b["input_ids"])
-

@@ -242,7 +242,7 @@ class CKA:
             if feats1[0].shape[0] < MIN_BATCH:
                 self.skipped_batches.append(batch_idx)
                 continue
-            metric.update(feats1, None if self_similarity else feats2)
+            metric.update(feats1, None if self_similarity else feats2, batch_index=batch_idx)
             if callback is not None:
                 callback(batch_idx, total, metric.compute())
         if self.skipped_batches:

@@ -156,7 +156,17 @@ def cka(
     k, l = gram(x, kernel, threshold), gram(y, kernel, threshold)  # noqa: E741
     center = u_center_gram if debiased else center_gram
     kc, lc = center(k), center(l)
+    if _constant(kc, k) or _constant(lc, l):  # CKA undefined: NaN, never a rounding residue
+        return torch.tensor(float("nan"), dtype=torch.float64)
     return (kc * lc).sum() / (kc.norm() * lc.norm())
+
+
+def _constant(centred: torch.Tensor, raw: torch.Tensor) -> bool:
+    """Whether centring removed all but rounding of a Gram matrix (a constant representation).
+
+    Same rule as the accumulators: centred energy at most ``1e-20`` of the raw energy.
+    """
+    return bool(centred.square().sum() <= 1e-20 * raw.square().sum())
 
 
 def _median(x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -157,29 +158,26 @@ class MinibatchCKA:
         self,
         features_a: Sequence[torch.Tensor],
         features_b: Sequence[torch.Tensor] | None = None,
+        *,
+        batch_index: int | None = None,
     ) -> None:
         """Add one batch: one ``(n, d)`` tensor per layer, the same ``n`` samples on both sides.
+
+        ``batch_index`` names the batch in error messages (default: the count so far).
 
         Raises:
             BatchTooSmallError: ``n < 4`` (the unbiased HSIC is undefined).
             NonFiniteActivationError: a feature tensor holds NaN or Inf.
             ShapeMismatchError: wrong number of layers or differing sample counts.
         """
-        if self.self_similarity and features_b is not None:
-            raise InvalidInputError(
-                "this accumulator measures self-similarity (num_layers_b=None): call update() "
-                "without features_b, or create MinibatchCKA(num_layers_a, num_layers_b)"
-            )
-        if not self.self_similarity and features_b is None:
-            raise InvalidInputError(
-                f"expected features_b for {self.num_layers_b} layers of model B, got None"
-            )
-        u_a = self._u_centered(features_a, self.num_layers_a, self.layer_names_a, "A")
+        check_sides(self, features_b)
+        where = self.n_batches if batch_index is None else batch_index
+        u_a = self._u_centered(features_a, self.num_layers_a, self.layer_names_a, "A", where)
         n = u_a[0].shape[-1]
         if features_b is None:
             u_b = u_a
         else:
-            u_b = self._u_centered(features_b, self.num_layers_b, self.layer_names_b, "B")
+            u_b = self._u_centered(features_b, self.num_layers_b, self.layer_names_b, "B", where)
             if u_b[0].shape[-1] != n:
                 raise ShapeMismatchError(
                     f"model A gave {n} samples in this batch and model B {u_b[0].shape[-1]}; both "
@@ -188,32 +186,18 @@ class MinibatchCKA:
         self._accumulate(u_a, u_b, n)
 
     def _u_centered(
-        self, features: Sequence[torch.Tensor], num_layers: int, names: list[str], side: str
+        self,
+        features: Sequence[torch.Tensor],
+        num_layers: int,
+        names: list[str],
+        side: str,
+        batch_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """U-centred Gram matrices ``(L, n, n)`` and the raw off-diagonal Gram energies ``(L,)``."""
-        if len(features) != num_layers:
-            raise ShapeMismatchError(
-                f"expected {num_layers} feature tensors for side {side}, got {len(features)}"
-            )
-        sizes = {int(f.shape[0]) for f in features}
-        if len(sizes) != 1:
-            raise ShapeMismatchError(
-                f"every layer of side {side} must hold the same samples, got batch sizes "
-                f"{sorted(sizes)}"
-            )
-        grams = []
-        device = features[0].device  # layers of a model split over devices meet on the first
-        for name, feats in zip(names, features, strict=True):
-            x = as_features(feats).to(device)
-            if not torch.isfinite(x).all():
-                raise NonFiniteActivationError(
-                    f"layer '{name}' produced NaN or Inf activations in batch {self.n_batches}; "
-                    "check the model dtype (try dtype='float32') and the inputs"
-                )
-            # U-centering ignores a per-batch shift of the rows, so centring the columns first
-            # changes no HSIC term but keeps large-offset features from cancelling in float64.
-            grams.append(gram(x - x.mean(dim=0), self.kernel, self.threshold))
-        k = torch.stack(grams)
+        feats = validated_features(features, num_layers, names, side, batch_index)
+        # U-centering ignores a per-batch shift of the rows, so centring the columns first
+        # changes no HSIC term but keeps large-offset features from cancelling in float64.
+        k = torch.stack([gram(x - x.mean(dim=0), self.kernel, self.threshold) for x in feats])
         return u_center_gram(k), _off_diagonal_energy(k)
 
     def _accumulate(
@@ -317,6 +301,57 @@ def nan_constant_layers(
             stacklevel=3,
         )
     return torch.where(constant, torch.full_like(hsic_self, float("nan")), hsic_self)
+
+
+def check_sides(accumulator: MinibatchCKA | Any, features_b: object) -> None:
+    """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
+    name = type(accumulator).__name__
+    if accumulator.self_similarity and features_b is not None:
+        raise InvalidInputError(
+            "this accumulator measures self-similarity (num_layers_b=None): call update() "
+            f"without features_b, or create {name}(num_layers_a, num_layers_b)"
+        )
+    if not accumulator.self_similarity and features_b is None:
+        raise InvalidInputError(
+            f"expected features_b for {accumulator.num_layers_b} layers of model B, got None"
+        )
+
+
+def validated_features(
+    features: Sequence[torch.Tensor],
+    num_layers: int,
+    names: Sequence[str],
+    side: str,
+    batch_index: int,
+) -> list[torch.Tensor]:
+    """One side's features as float64 ``(n, d)`` tensors on the first layer's device.
+
+    Raises:
+        ShapeMismatchError: not one tensor per layer, or layers with different sample counts.
+        NonFiniteActivationError: NaN or Inf, naming the layer and the batch.
+    """
+    if len(features) != num_layers:
+        raise ShapeMismatchError(
+            f"expected {num_layers} feature tensors for side {side}, got {len(features)}"
+        )
+    sizes = {int(f.shape[0]) for f in features}
+    if len(sizes) != 1:
+        raise ShapeMismatchError(
+            f"every layer of side {side} must hold the same samples, got batch sizes "
+            f"{sorted(sizes)}"
+        )
+    device = features[0].device  # layers of a model split over devices meet on the first
+    out = []
+    for name, feats in zip(names, features, strict=True):
+        x = as_features(feats).to(device)
+        if not torch.isfinite(x).all():
+            raise NonFiniteActivationError(
+                f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
+                "check the inputs and the model's dtype (float16 overflows easily: load the "
+                "model in float32 or bfloat16)"
+            )
+        out.append(x)
+    return out
 
 
 def layer_names(

@@ -86,32 +86,36 @@ _RUNS_FILE = re.compile(r"data/runs/([^/]+)\.parquet")
 _CONFLICT_STATUS = frozenset({409, 412})
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
-SCORES_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("model_a", pa.string()),
-    ("model_b", pa.string()),
-    ("layer_a", pa.string()),
-    ("layer_b", pa.string()),
-    ("index_a", pa.int64()),
-    ("index_b", pa.int64()),
-    ("cka", pa.float64()),
-    ("stderr", pa.float64()),
-    ("null", pa.float64()),
-])
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("model_a", pa.string()),
-    ("model_b", pa.string()),
-    ("created_at", pa.string()),
-    ("num_layers_a", pa.int64()),
-    ("num_layers_b", pa.int64()),
-    ("has_stderr", pa.bool_()),
-    ("has_null", pa.bool_()),
-    ("schema_version", pa.int64()),
-    ("layers_a_json", pa.string()),
-    ("layers_b_json", pa.string()),
-    ("metadata_json", pa.string()),
-])
+SCORES_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("model_a", pa.string()),
+        ("model_b", pa.string()),
+        ("layer_a", pa.string()),
+        ("layer_b", pa.string()),
+        ("index_a", pa.int64()),
+        ("index_b", pa.int64()),
+        ("cka", pa.float64()),
+        ("stderr", pa.float64()),
+        ("null", pa.float64()),
+    ]
+)
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("model_a", pa.string()),
+        ("model_b", pa.string()),
+        ("created_at", pa.string()),
+        ("num_layers_a", pa.int64()),
+        ("num_layers_b", pa.int64()),
+        ("has_stderr", pa.bool_()),
+        ("has_null", pa.bool_()),
+        ("schema_version", pa.int64()),
+        ("layers_a_json", pa.string()),
+        ("layers_b_json", pa.string()),
+        ("metadata_json", pa.string()),
+    ]
+)
 
 
 # --------------------------------------------------------------------------- identifiers
@@ -270,8 +274,11 @@ def _read_json(path: Path, schema: str) -> dict[str, Any]:
         raise ResultFormatError(f"{path}: expected schema {schema!r}, got {doc.get('schema')!r}")
     version = doc.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
-        hint = " (written by a newer hf_cka: upgrade it)" if isinstance(version, int) and (
-            version > SCHEMA_VERSION) else ""
+        hint = (
+            " (written by a newer hf_cka: upgrade it)"
+            if isinstance(version, int) and (version > SCHEMA_VERSION)
+            else ""
+        )
         raise ResultFormatError(
             f"{path}: unsupported schema_version {version!r}; this hf_cka reads version"
             f" {SCHEMA_VERSION}{hint}"
@@ -359,8 +366,9 @@ class CKAResult:
         self.metadata.setdefault("created_at", _utc_now())
 
     def __repr__(self) -> str:
-        extras = "".join(f", {name}=True" for name in _OPTIONAL_TENSORS if getattr(self, name)
-                         is not None)
+        extras = "".join(
+            f", {name}=True" for name in _OPTIONAL_TENSORS if getattr(self, name) is not None
+        )
         return (
             f"CKAResult(run_id={self.run_id!r}, model_a={self.model_a!r},"
             f" model_b={self.model_b!r}, shape={self.shape}{extras})"
@@ -442,8 +450,13 @@ class CKAResult:
         _checked_run_id(metadata.get("run_id"), path)
         tensors = _read_tensors(folder / TENSORS_FILE, (len(layers_a), len(layers_b)))
         return cls(
-            tensors["matrix"], layers_a, layers_b, _field(doc, "model_a", str, path),
-            _field(doc, "model_b", str, path), metadata, tensors.get("stderr"),
+            tensors["matrix"],
+            layers_a,
+            layers_b,
+            _field(doc, "model_a", str, path),
+            _field(doc, "model_b", str, path),
+            metadata,
+            tensors.get("stderr"),
             tensors.get("null"),
         )
 
@@ -575,9 +588,14 @@ class CKAResult:
         validate_repo_id(repo_id)
         local = self.save(local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self.run_id)
         return _push_runs(
-            [self], repo_id, local_copy=local, private=private, token=token,
+            [self],
+            repo_id,
+            local_copy=local,
+            private=private,
+            token=token,
             commit_message=commit_message or f"Add CKA run {self.run_id}",
-            max_attempts=max_attempts, backoff_s=backoff_s,
+            max_attempts=max_attempts,
+            backoff_s=backoff_s,
         )
 
     @classmethod
@@ -697,8 +715,13 @@ class _HubRuns:
             raise ResultFormatError(f"{source}: expected one row, got {table.num_rows}")
         record = table.to_pylist()[0]
         for column in RUNS_SCHEMA:
-            kind = (bool if pa.types.is_boolean(column.type)
-                    else int if pa.types.is_integer(column.type) else str)
+            kind = (
+                bool
+                if pa.types.is_boolean(column.type)
+                else int
+                if pa.types.is_integer(column.type)
+                else str
+            )
             _field(record, column.name, kind, source)
         if record["run_id"] != run_id:
             raise ResultFormatError(
@@ -768,8 +791,12 @@ def _result_from_tables(record: Mapping[str, Any], scores: pa.Table, source: str
         return torch.from_numpy(values)
 
     return CKAResult(
-        grid("cka"), record["layers_a"], record["layers_b"], record["model_a"],
-        record["model_b"], record["metadata"],
+        grid("cka"),
+        record["layers_a"],
+        record["layers_b"],
+        record["model_a"],
+        record["model_b"],
+        record["metadata"],
         grid("stderr") if record["has_stderr"] else None,
         grid("null") if record["has_null"] else None,
     )
@@ -836,8 +863,12 @@ def _push_runs(
             operations = [CommitOperationAdd(path, data) for path, data in files.items()]
             operations.append(CommitOperationAdd("README.md", str(card).encode("utf-8")))
             info = api.create_commit(
-                repo_id, operations, commit_message=commit_message, repo_type="dataset",
-                parent_commit=existing.revision, token=token,
+                repo_id,
+                operations,
+                commit_message=commit_message,
+                repo_type="dataset",
+                parent_commit=existing.revision,
+                token=token,
             )
             return info.commit_url
         except (OSError, TransportError, ResultFormatError) as err:
@@ -853,7 +884,11 @@ def _push_runs(
             delay = min(backoff_s * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.5)
             logger.warning(
                 "push to %s failed (%s); retrying in %.1fs (attempt %d/%d)",
-                repo_id, reason, delay, attempt + 1, max_attempts,
+                repo_id,
+                reason,
+                delay,
+                attempt + 1,
+                max_attempts,
             )
             time.sleep(delay)
 
@@ -1032,7 +1067,9 @@ class DriftResult:
                 )
         try:
             return cls(
-                _field(doc, "base", str, path), _field(doc, "checkpoints", list, path), results,
+                _field(doc, "base", str, path),
+                _field(doc, "checkpoints", list, path),
+                results,
                 _field(doc, "metadata", dict, path),
             )
         except (ShapeMismatchError, InvalidInputError) as err:
@@ -1058,10 +1095,15 @@ class DriftResult:
             local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self.drift_id
         )
         return _push_runs(
-            self.results, repo_id, local_copy=local, private=private, token=token,
+            self.results,
+            repo_id,
+            local_copy=local,
+            private=private,
+            token=token,
             commit_message=commit_message
             or f"Add CKA drift {self.drift_id} ({len(self.results)} runs)",
-            max_attempts=max_attempts, backoff_s=backoff_s,
+            max_attempts=max_attempts,
+            backoff_s=backoff_s,
         )
 
     @classmethod
@@ -1094,8 +1136,10 @@ class DriftResult:
         if not members:
             raise ResultFormatError(f"{runs.source}: holds no drift (no run records one)")
         if drift_id is None:
-            drift_id = max(members, key=lambda d: (
-                _created_key(members[d][0][0]["metadata"].get("created_at")), d))
+            drift_id = max(
+                members,
+                key=lambda d: (_created_key(members[d][0][0]["metadata"].get("created_at")), d),
+            )
         elif drift_id not in members:
             raise ResultFormatError(
                 f"{runs.source}: no drift {drift_id!r}; available drifts: {', '.join(members)}."
@@ -1109,8 +1153,12 @@ class DriftResult:
                 f" {len(info['checkpoints'])} checkpoint runs"
             )
         try:
-            return cls(info["base"], info["checkpoints"],
-                       [runs.result(record) for _, record in pairs], info["metadata"])
+            return cls(
+                info["base"],
+                info["checkpoints"],
+                [runs.result(record) for _, record in pairs],
+                info["metadata"],
+            )
         except (ShapeMismatchError, InvalidInputError) as err:
             raise ResultFormatError(f"{runs.source}: drift {drift_id!r}: {err}") from err
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import RunCheckpoint, fingerprint
 from .data import batch_samples, collate, encode, lengths, load_samples, same_tokens
 from .engine import forward_features, input_device
 from .errors import InvalidInputError, TokenizerMismatchError
@@ -153,11 +153,16 @@ class Extractor:
         self.capture = FeatureCapture(model, self.layers, pooling, device=input_device(model))
 
     def __enter__(self) -> Extractor:
+        model = self.loaded.model
+        self._modes = {module: module.training for module in model.modules()}
+        model.eval()  # no dropout; flags restored module by module on exit
         self.capture.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.capture.remove()
+        for module, training in self._modes.items():
+            module.training = training
 
     def encode(self, samples: Sequence[Any], max_length: int | None) -> Any:
         return encode(self.loaded.processor, samples, self.loaded.modality, max_length)
@@ -195,12 +200,16 @@ class Extractor:
 
 
 def _chunks(
-    batches: Iterable[list[Any]], chunk_batches: int, skip: int = 0
+    batches: Iterable[list[Any]],
+    chunk_batches: int,
+    skip: int = 0,
+    seen: Callable[[list[Any]], None] | None = None,
 ) -> Iterator[list[tuple[int, list[Any]]]]:
     """This process's CKA batches as ``(global_index, batch)``, ``chunk_batches`` at a time.
 
     Batches are sharded round-robin over processes; the first ``skip`` batches of this process
     (already accumulated by a resumed checkpoint) are passed over without a forward pass.
+    ``seen`` is called with every batch of this process, skipped or not, in order.
     """
     chunk: list[tuple[int, list[Any]]] = []
     own = 0
@@ -208,6 +217,8 @@ def _chunks(
         if not distributed.shard(index):
             continue
         own += 1
+        if seen is not None:
+            seen(batch)
         if own <= skip:
             continue
         chunk.append((index, batch))
@@ -309,10 +320,14 @@ def run_comparisons(
             "num_processes": distributed.num_processes(),
         }
     )  # fmt: skip
-    rank = distributed.process_index()
-    done = 0
-    if options.checkpoint_dir is not None:
-        done = load_checkpoint(options.checkpoint_dir, rank, all_accumulators, run_fingerprint)
+    checkpoint = RunCheckpoint(
+        options.checkpoint_dir,
+        distributed.process_index(),
+        all_accumulators,
+        run_fingerprint,
+        options.checkpoint_every,
+    )
+    done = checkpoint.resume()
     total = _expected_batches(data_info.get("size"), options.batch_size)
     stopped_early = False
     with contextlib.ExitStack() as stack:
@@ -322,7 +337,7 @@ def run_comparisons(
         ]
         stream = _stream(
             extractors,
-            _chunks(batches, options.chunk_batches, skip=done),
+            _chunks(batches, options.chunk_batches, skip=done, seen=checkpoint.record),
             batch_size=options.batch_size,
             max_length=options.max_length,
             sort_by_length=options.sort_by_length,
@@ -335,10 +350,7 @@ def run_comparisons(
                 done += 1
                 if options.callback is not None:
                     options.callback(done, total or -1, accumulated[0].metric.compute())
-                if options.checkpoint_dir is not None and done % options.checkpoint_every == 0:
-                    save_checkpoint(
-                        options.checkpoint_dir, rank, all_accumulators, done, run_fingerprint
-                    )
+                checkpoint.step(done)
                 if options.target_stderr is not None and all(
                     stderr_target_reached(item.metric, options.target_stderr)  # type: ignore[arg-type]
                     for item in accumulated
@@ -346,11 +358,9 @@ def run_comparisons(
                     stopped_early = True
                     break
         except BaseException:
-            if options.checkpoint_dir is not None:  # every update so far is complete: keep it
-                save_checkpoint(
-                    options.checkpoint_dir, rank, all_accumulators, done, run_fingerprint
-                )
+            checkpoint.save(done)  # every update so far is complete: keep it
             raise
+    checkpoint.verify()  # also when the checkpoint had already covered every batch
     for accumulator in all_accumulators:
         accumulator.sync(distributed.all_reduce_sum)
     run_info = {
@@ -378,11 +388,13 @@ def _update(
     """Feed one batch to a comparison's metric and to its permutation nulls."""
     feats_a = [features[slots[id(comparison.model_a)]][spec] for spec in comparison.layers_a]
     feats_b = [features[slots[id(comparison.model_b)]][spec] for spec in comparison.layers_b]
-    item.metric.update(feats_a, None if item.metric.self_similarity else feats_b)
+    item.metric.update(
+        feats_a, None if item.metric.self_similarity else feats_b, batch_index=batch_index
+    )
     for draw, null in enumerate(item.nulls):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + draw)
         order = torch.randperm(feats_b[0].shape[0], generator=generator)
-        null.update(feats_a, [f[order] for f in feats_b])
+        null.update(feats_a, [f[order] for f in feats_b], batch_index=batch_index)
 
 
 def _progress(

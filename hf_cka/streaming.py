@@ -47,11 +47,16 @@ from .errors import (
     EstimatorWarning,
     InvalidInputError,
     MemoryBudgetError,
-    NonFiniteActivationError,
     ShapeMismatchError,
 )
-from .functional import Kernel, as_features
-from .metric import MinibatchCKA, layer_names, nan_constant_layers
+from .functional import Kernel
+from .metric import (
+    MinibatchCKA,
+    check_sides,
+    layer_names,
+    nan_constant_layers,
+    validated_features,
+)
 
 Estimator = Literal["minibatch", "linear", "debiased"]
 ESTIMATORS: tuple[str, ...] = ("minibatch", "linear", "debiased")
@@ -266,28 +271,25 @@ class StreamingLinearCKA:
         self,
         features_a: Sequence[torch.Tensor],
         features_b: Sequence[torch.Tensor] | None = None,
+        *,
+        batch_index: int | None = None,
     ) -> None:
         """Add one batch: one ``(n, d)`` tensor per layer, the same ``n >= 1`` samples per side.
+
+        ``batch_index`` names the batch in error messages (default: the count so far).
 
         Raises:
             NonFiniteActivationError: a feature tensor holds NaN or Inf.
             ShapeMismatchError: wrong number of layers, widths or differing sample counts.
             MemoryBudgetError: the first batch reveals widths whose states exceed ``max_bytes``.
         """
-        if self.self_similarity and features_b is not None:
-            raise InvalidInputError(
-                "this accumulator measures self-similarity (num_layers_b=None): call update() "
-                "without features_b, or create StreamingLinearCKA(num_layers_a, num_layers_b)"
-            )
-        if not self.self_similarity and features_b is None:
-            raise InvalidInputError(
-                f"expected features_b for {self.num_layers_b} layers of model B, got None"
-            )
-        x, dims_a = self._concat(features_a, self.num_layers_a, self.layer_names_a, "A")
+        check_sides(self, features_b)
+        where = self.n_batches if batch_index is None else batch_index
+        x, dims_a = self._concat(features_a, self.num_layers_a, self.layer_names_a, "A", where)
         y, dims_b = (
             (x, None)
             if features_b is None
-            else self._concat(features_b, self.num_layers_b, self.layer_names_b, "B")
+            else self._concat(features_b, self.num_layers_b, self.layer_names_b, "B", where)
         )
         if y.shape[0] != x.shape[0]:
             raise ShapeMismatchError(
@@ -308,28 +310,17 @@ class StreamingLinearCKA:
         self._accumulate(x - self.shift_a, None if features_b is None else y - self.shift_b)
 
     def _concat(
-        self, features: Sequence[torch.Tensor], num_layers: int, names: list[str], side: str
+        self,
+        features: Sequence[torch.Tensor],
+        num_layers: int,
+        names: list[str],
+        side: str,
+        batch_index: int,
     ) -> tuple[torch.Tensor, list[int]]:
         """The layers of one side side by side as float64 ``(n, P)``, and their widths."""
-        if len(features) != num_layers:
-            raise ShapeMismatchError(
-                f"expected {num_layers} feature tensors for side {side}, got {len(features)}"
-            )
-        feats = [as_features(f) for f in features]
-        sizes = {f.shape[0] for f in feats}
-        if len(sizes) != 1:
-            raise ShapeMismatchError(
-                f"every layer of side {side} must hold the same samples, got batch sizes "
-                f"{sorted(sizes)}"
-            )
-        if sizes == {0}:
+        feats = validated_features(features, num_layers, names, side, batch_index)
+        if feats[0].shape[0] == 0:
             raise BatchTooSmallError(f"expected at least one sample in the batch for side {side}")
-        for name, f in zip(names, feats, strict=True):
-            if not torch.isfinite(f).all():
-                raise NonFiniteActivationError(
-                    f"layer '{name}' produced NaN or Inf activations in batch {self.n_batches}; "
-                    "check the model dtype (try dtype='float32') and the inputs"
-                )
         return torch.cat(feats, dim=1), [f.shape[1] for f in feats]
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
