@@ -21,7 +21,7 @@ from . import distributed
 from .errors import EmptyDataError, InvalidInputError
 from .hooks import FeatureCapture
 from .layers import LayerSpec, resolve_layers
-from .metric import MinibatchCKA
+from .metric import MinibatchCKA, compute_quietly
 from .pooling import check_pooling
 
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -244,7 +244,7 @@ class CKA:
                 continue
             metric.update(feats1, None if self_similarity else feats2, batch_index=batch_idx)
             if callback is not None:
-                callback(batch_idx, total, metric.compute())
+                callback(batch_idx, total, compute_quietly(metric))
         if self.skipped_batches:
             warnings.warn(
                 f"skipped batch(es) {self.skipped_batches} with fewer than {MIN_BATCH} samples "

@@ -303,6 +303,14 @@ def nan_constant_layers(
     return torch.where(constant, torch.full_like(hsic_self, float("nan")), hsic_self)
 
 
+def compute_quietly(accumulator: MinibatchCKA | Any) -> torch.Tensor:
+    """``accumulator.compute()`` without the constant-layer warning, for per-batch progress
+    callbacks (the final result still warns once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantLayerWarning)
+        return accumulator.compute()
+
+
 def check_sides(accumulator: MinibatchCKA | Any, features_b: object) -> None:
     """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
     name = type(accumulator).__name__

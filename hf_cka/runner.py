@@ -25,7 +25,7 @@ from .data import batch_samples, collate, encode, lengths, load_samples, same_to
 from .engine import forward_features, input_device
 from .errors import InvalidInputError, TokenizerMismatchError
 from .hooks import FeatureCapture, split_spec
-from .metric import MinibatchCKA
+from .metric import MinibatchCKA, compute_quietly
 from .models import LoadedModel
 from .streaming import ESTIMATORS, StreamingLinearCKA, new_accumulator, stderr_target_reached
 
@@ -349,7 +349,7 @@ def run_comparisons(
                     _update(comparison, item, features, slots, options.seed, index)
                 done += 1
                 if options.callback is not None:
-                    options.callback(done, total or -1, accumulated[0].metric.compute())
+                    options.callback(done, total or -1, compute_quietly(accumulated[0].metric))
                 checkpoint.step(done)
                 if options.target_stderr is not None and all(
                     stderr_target_reached(item.metric, options.target_stderr)  # type: ignore[arg-type]
