@@ -17,7 +17,12 @@ import torch
 
 from . import distributed
 from .data import batch_samples, load_samples
-from .errors import EstimatorWarning, InvalidInputError, TokenizerMismatchError
+from .errors import (
+    EstimatorWarning,
+    InvalidInputError,
+    ShapeMismatchError,
+    TokenizerMismatchError,
+)
 from .layers import LayerSpec, Part, resolve_layers
 from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader
@@ -285,6 +290,13 @@ class AutoCKA:
             ).comparison
             for checkpoint in checkpoints
         ]
+        for comparison in comparisons:  # drift reads same-layer CKA: fail before any forward
+            if comparison.layers_a != comparison.layers_b:
+                raise ShapeMismatchError(
+                    f"drift compares each layer with the same layer of the base, but "
+                    f"'{comparison.model_b.name}' has layers {comparison.layers_b} and the base "
+                    f"'{base_model.name}' {comparison.layers_a}; pass layers=[...] that both have"
+                )
         options = RunOptions(**compare_options)
         results = _compare_all(comparisons, data, pooling, options, token)
         from .result import DriftResult

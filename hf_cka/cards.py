@@ -158,7 +158,7 @@ def render_dataset_card(repo_id: str, runs: Sequence[Mapping[str, Any]]) -> Data
     card_data = DatasetCardData(
         pretty_name=f"CKA results {repo_id}", tags=list(CARD_TAGS), configs=CONFIGS
     )
-    template = files("hf_cka.model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    template = files("hf_cka_model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
     content = (
         _environment()
         .from_string(template)

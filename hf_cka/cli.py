@@ -590,8 +590,9 @@ def _plot(args: argparse.Namespace) -> int:
 def _push_command(args: argparse.Namespace) -> int:
     result = _load(args.result_dir)
     if distributed.is_main_process():
-        plot_file = _plot_file(result)
-        url = _push(result, args.result_dir, plot_file, args.repo_id, args.private, args.token)
+        url = result.push_to_hub(
+            args.repo_id, private=args.private or None, token=args.token, local_dir=args.result_dir
+        )
         print(f"pushed {args.result_dir} to {url}")
     return 0
 
@@ -640,19 +641,9 @@ def _save(result: Any, folder: Path, plot_file: str, args: argparse.Namespace) -
     (folder / plot_file).write_bytes(_render(result))
     if not args.push_to_hub:
         return None
-    return _push(result, folder, plot_file, args.push_to_hub, args.private, args.token)
-
-
-def _push(
-    result: Any, folder: Path, plot_file: str, repo_id: str, private: bool, token: str | None
-) -> str:
-    """Push ``result``, saved in ``folder`` with its plot, to ``repo_id``; returns the URL."""
-    plot = folder / plot_file
-    png = plot.read_bytes() if plot.is_file() else _render(result)
-    try:
-        return result.push_to_hub(repo_id, private=private or None, token=token, local_dir=folder)
-    finally:  # push_to_hub re-saves the local copy, which drops the files it did not write
-        plot.write_bytes(png)
+    return result.push_to_hub(
+        args.push_to_hub, private=args.private or None, token=args.token, local_dir=folder
+    )
 
 
 # --------------------------------------------------------------------------- summaries

@@ -135,8 +135,9 @@ def _set_ticks(ax: Axes, axis: str, labels: Sequence[str], max_ticks: int) -> No
 def _extend(data: np.ndarray, vmin: float, vmax: float) -> str:
     """Colour-bar ``extend`` value telling whether finite data leave ``[vmin, vmax]``."""
     finite = data[np.isfinite(data)]
-    low = finite.size > 0 and finite.min() < vmin
-    high = finite.size > 0 and finite.max() > vmax
+    slack = 1e-9 * (vmax - vmin)  # a self-comparison's 1.0000000000000002 is not "over"
+    low = finite.size > 0 and finite.min() < vmin - slack
+    high = finite.size > 0 and finite.max() > vmax + slack
     if low and high:
         return "both"
     return "min" if low else "max" if high else "neither"

@@ -222,6 +222,27 @@ def _holds_result(folder: Path) -> bool:
     return (folder / RESULT_FILE).is_file() or (folder / DRIFT_FILE).is_file()
 
 
+def _local_copy(
+    result: CKAResult | DriftResult, local_dir: str | Path | None, default: Path
+) -> Path:
+    """The folder holding ``result`` before a push: ``local_dir`` as it is when it already holds
+    this very result (files saved beside it, such as a plot, stay), else a fresh save."""
+    if local_dir is not None:
+        folder = Path(local_dir)
+        try:
+            saved = type(result).load(folder) if _holds_result(folder) else None
+        except ResultFormatError:
+            saved = None
+        same = saved is not None and (
+            saved.run_id == result.run_id
+            if isinstance(result, CKAResult)
+            else saved.drift_id == result.drift_id
+        )
+        if same:
+            return folder
+    return result.save(local_dir if local_dir is not None else default)
+
+
 @contextmanager
 def _atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target`` that replaces ``target`` on success.
@@ -586,7 +607,7 @@ class CKAResult:
             HubPushError: the push failed for good; the message names the local copy.
         """
         validate_repo_id(repo_id)
-        local = self.save(local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self.run_id)
+        local = _local_copy(self, local_dir, DEFAULT_LOCAL_ROOT / self.run_id)
         return _push_runs(
             [self],
             repo_id,
@@ -1091,9 +1112,7 @@ class DriftResult:
         The local copy defaults to ``./cka-results/<drift_id>/``.
         """
         validate_repo_id(repo_id)
-        local = self.save(
-            local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self.drift_id
-        )
+        local = _local_copy(self, local_dir, DEFAULT_LOCAL_ROOT / self.drift_id)
         return _push_runs(
             self.results,
             repo_id,
