@@ -274,6 +274,13 @@ def _add_estimator(parser: argparse.ArgumentParser) -> None:
         help="RBF bandwidth factor: sigma = X times the median distance (default: 1.0)",
     )
     group.add_argument(
+        "--estimator",
+        choices=("minibatch", "linear", "debiased"),
+        default="minibatch",
+        help="minibatch: Nguyen et al., with standard errors (default); linear / debiased: exact"
+        " full-data linear CKA streamed with d_a x d_b memory per layer pair",
+    )
+    group.add_argument(
         "--null-permutations",
         type=_non_negative_int,
         default=0,
@@ -486,6 +493,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_batches": args.chunk_batches,
         "kernel": args.kernel,
         "threshold": args.threshold,
+        "estimator": args.estimator,
         "null_permutations": args.null_permutations,
         "seed": args.seed,
         "target_stderr": args.target_stderr,

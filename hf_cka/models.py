@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from ._network import NETWORK_ERRORS
 from .errors import (
     DeviceMismatchError,
     InvalidInputError,
@@ -129,7 +131,7 @@ def resolve_commit(
     """
     if os.path.isdir(name):
         return None, set(os.listdir(name))
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import (
         HFValidationError,
         RepositoryNotFoundError,
@@ -148,6 +150,15 @@ def resolve_commit(
             f"'{name}' is neither a local folder nor a model repo on the Hub (or it is private: "
             "pass token=...); check the id or the path"
         ) from err
+    except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
+        warnings.warn(
+            f"could not reach the Hub to resolve '{name}' ({type(err).__name__}); loading it "
+            "from the local cache, without a commit sha in the provenance",
+            UserWarning,
+            stacklevel=3,
+        )
+        cached = try_to_load_from_cache(name, ADAPTER_CONFIG, revision=revision)
+        return None, {ADAPTER_CONFIG} if isinstance(cached, str) else set()
     return info.sha, {sibling.rfilename for sibling in info.siblings or []}
 
 
@@ -223,8 +234,11 @@ class ModelLoader:
                     "(--trust-remote-code)"
                 ) from err
             raise
-        except OSError as err:
-            raise ModelNotFoundError(f"could not load model '{name}' ({err})") from err
+        except (OSError, *NETWORK_ERRORS) as err:
+            raise ModelNotFoundError(
+                f"could not load model '{name}' ({err}); check the id, your network or "
+                "HF_HUB_OFFLINE, and that the model is in the local cache when offline"
+            ) from err
         if self.device is not None:
             model.to(self.device)
         model.eval()

@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hf_cka import distributed
+from hf_cka._network import NETWORK_ERRORS
 from hf_cka.errors import (
     HubPushError,
     InvalidInputError,
@@ -57,11 +58,6 @@ from hf_cka.errors import (
     ShapeMismatchError,
     suggest,
 )
-
-try:
-    from httpx2 import TransportError
-except ImportError:  # huggingface_hub < 2 speaks httpx
-    from httpx import TransportError
 
 if TYPE_CHECKING:
     import datasets
@@ -833,7 +829,7 @@ def _retry_reason(err: BaseException) -> str | None:
         if status in _CONFLICT_STATUS:
             return f"conflict with a concurrent push (HTTP {status})"
         return f"HTTP {status}" if status in _TRANSIENT_STATUS else None
-    if isinstance(err, (TransportError, ConnectionError, TimeoutError)):
+    if isinstance(err, NETWORK_ERRORS):
         return f"network error ({type(err).__name__})"
     return None
 
@@ -892,7 +888,7 @@ def _push_runs(
                 token=token,
             )
             return info.commit_url
-        except (OSError, TransportError, ResultFormatError) as err:
+        except (OSError, *NETWORK_ERRORS, ResultFormatError) as err:
             failure = _scrub(f"{type(err).__name__}: {err}", token)
             reason = _retry_reason(err)
             if reason is None or attempt == max_attempts:
