@@ -194,10 +194,13 @@ def test_device_and_device_map_together_are_refused(folders) -> None:
 
 
 @needs_cuda
-def test_features_on_two_devices_raise_a_typed_error() -> None:
-    metric = MinibatchCKA(1, 1)
-    with pytest.raises(DeviceMismatchError, match="cuda"):
-        metric.update([torch.randn(8, 3, device="cuda")], [torch.randn(8, 3)])
+def test_features_on_two_devices_meet_on_side_a_device() -> None:
+    """Models on different devices are fine: side B's features join side A's device."""
+    x, y = torch.randn(8, 3), torch.randn(8, 3)
+    mixed, plain = MinibatchCKA(1, 1), MinibatchCKA(1, 1)
+    mixed.update([x.cuda()], [y])
+    plain.update([x], [y])
+    torch.testing.assert_close(mixed.compute(), plain.compute(), rtol=0, atol=1e-12)
 
 
 @needs_cuda
