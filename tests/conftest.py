@@ -52,6 +52,7 @@ os.environ.update(
 # oversubscribe them: one thread per process keeps the suite fast and its timings steady.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import tiny  # noqa: E402
 from hub_server import HubServer  # noqa: E402 (the environment above must come first)
 
 
@@ -64,3 +65,17 @@ def hub() -> Iterator[HubServer]:
     """
     with HubServer(port=HUB_PORT, token=HUB_TOKEN) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory):
+    """``saved(kind, seed=0)`` -> folder of a tiny ``kind`` model, saved once per module."""
+    cache: dict[tuple[str, int], str] = {}
+
+    def get(kind: str, seed: int = 0) -> str:
+        if (kind, seed) not in cache:
+            folder = tmp_path_factory.mktemp(f"{kind}-{seed}")
+            cache[kind, seed] = str(tiny.save(kind, folder, seed))
+        return cache[kind, seed]
+
+    return get

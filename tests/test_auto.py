@@ -5,7 +5,6 @@ reproduce ``compare`` and the token-level mode."""
 from __future__ import annotations
 
 import math
-import random
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -22,29 +21,7 @@ from hf_cka.auto import AutoCKA
 from hf_cka.data import batch_samples, probe_corpus
 from hf_cka.errors import InvalidInputError, TokenizerMismatchError
 
-
-def varied_texts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[str]:
-    """``n`` texts of ``low..high`` words drawn from the probe corpus."""
-    rng = random.Random(seed)
-    words = " ".join(probe_corpus()).split()
-    return [" ".join(rng.choices(words, k=rng.randint(low, high))) for _ in range(n)]
-
-
-TEXTS = varied_texts(32)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory):
-    """``saved(kind, seed=0)`` -> folder of a tiny ``kind`` model, saved once per module."""
-    cache: dict[tuple[str, int], str] = {}
-
-    def get(kind: str, seed: int = 0) -> str:
-        if (kind, seed) not in cache:
-            folder = tmp_path_factory.mktemp(f"{kind}-{seed}")
-            cache[kind, seed] = str(tiny.save(kind, folder, seed))
-        return cache[kind, seed]
-
-    return get
+TEXTS = tiny.varied_texts(32)
 
 
 def test_public_exports() -> None:
@@ -88,7 +65,7 @@ def test_padding_never_changes_a_samples_features(saved, kind: str, pooling: str
 
 @pytest.mark.parametrize("chunk_batches", [1, 3, 8])
 def test_length_sorted_forwards_give_the_unsorted_result(saved, chunk_batches: int) -> None:
-    texts = varied_texts(45, seed=1)  # batch_size 6: 7 CKA batches, the last of 9 (6 + 3)
+    texts = tiny.varied_texts(45, seed=1)  # batch_size 6: 7 CKA batches, the last of 9 (6 + 3)
     auto = AutoCKA.from_pretrained(saved("bert"), saved("gpt2"))
     options = {"batch_size": 6, "progress": False}
     unsorted = auto.compare(texts, sort_by_length=False, **options)
@@ -99,7 +76,7 @@ def test_length_sorted_forwards_give_the_unsorted_result(saved, chunk_batches: i
 
 def test_sorted_feature_rows_follow_the_data_order(saved) -> None:
     auto = AutoCKA.from_pretrained(saved("gpt2"))
-    texts = varied_texts(19, seed=2)
+    texts = tiny.varied_texts(19, seed=2)
     plain = auto.extract_features(texts, batch_size=19, sort_by_length=False)
     in_order = auto.extract_features(texts, batch_size=5, sort_by_length=True)
     for layer in auto.layers_a:
@@ -185,7 +162,7 @@ def test_drift_runs_the_base_once_per_batch(saved, tmp_path: Path, forwards_by_n
 
 
 def test_extracted_features_reproduce_compare(saved) -> None:
-    texts = varied_texts(27, seed=3)  # batches of 8, 8, 11
+    texts = tiny.varied_texts(27, seed=3)  # batches of 8, 8, 11
     auto = AutoCKA.from_pretrained(saved("bert"), saved("gpt2"))
     options = {"batch_size": 8, "sort_by_length": False}
     feats_a = auto.extract_features(texts, model="a", **options)

@@ -4,7 +4,6 @@ loopback Hub (``repo@revision``, commit shas), dtype, pad tokens and the typed l
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +14,12 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from hf_cka.auto import AutoCKA
-from hf_cka.data import probe_corpus
 from hf_cka.errors import LayerNotFoundError, ModelNotFoundError, RemoteCodeError
 
 TEXT_KINDS = ("bert", "roberta", "distilbert", "gpt2", "gpt_neox", "llama", "t5")
 
 
-def varied_texts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[str]:
-    """``n`` texts of ``low..high`` words drawn from the probe corpus."""
-    rng = random.Random(seed)
-    words = " ".join(probe_corpus()).split()
-    return [" ".join(rng.choices(words, k=rng.randint(low, high))) for _ in range(n)]
-
-
-TEXTS = varied_texts(20)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory):
-    """``saved(kind, seed=0)`` -> folder of a tiny ``kind`` model, saved once per module."""
-    cache: dict[tuple[str, int], str] = {}
-
-    def get(kind: str, seed: int = 0) -> str:
-        if (kind, seed) not in cache:
-            folder = tmp_path_factory.mktemp(f"{kind}-{seed}")
-            cache[kind, seed] = str(tiny.save(kind, folder, seed))
-        return cache[kind, seed]
-
-    return get
+TEXTS = tiny.varied_texts(20)
 
 
 def assert_self_similarity(matrix: torch.Tensor, num_layers: int) -> None:

@@ -6,12 +6,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from huggingface_hub import HfApi
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer
 
-import tiny
 from hf_cka import AutoCKA
 from hf_cka.models import ModelLoader
 
@@ -24,7 +24,9 @@ def make_adapter(base: Path, kind: str, folder: Path, seed: int = 0) -> Path:
     """A LoRA adapter on the attention of the top block only, with random (non-zero) weights."""
     torch.manual_seed(seed)
     model = AutoModel.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=32, target_modules=TOP_BLOCK[kind][0], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=32, target_modules=TOP_BLOCK[kind][0], init_lora_weights=False
+    )
     get_peft_model(model, config).save_pretrained(folder)
     return folder
 

@@ -3,33 +3,53 @@
 from __future__ import annotations
 
 import functools
+import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 from hf_cka.data import probe_corpus
 
 HIDDEN = 32
-LAYERS = {"bert": 3, "roberta": 2, "distilbert": 2, "gpt2": 2, "gpt_neox": 2, "llama": 3, "t5": 2, "vit": 2}
+LAYERS = {
+    "bert": 3,
+    "roberta": 2,
+    "distilbert": 2,
+    "gpt2": 2,
+    "gpt_neox": 2,
+    "llama": 3,
+    "t5": 2,
+    "vit": 2,
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _word_level() -> Tokenizer:
     """A lower-casing word-level tokenizer with BERT-style [CLS] ... [SEP] framing."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(probe_corpus(), trainers.WordLevelTrainer(vocab_size=400, special_tokens=specials))
+    tok.train_from_iterator(
+        probe_corpus(), trainers.WordLevelTrainer(vocab_size=400, special_tokens=specials)
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_bpe() -> Tokenizer:
     """A byte-level BPE tokenizer (GPT-2 style) without a pad token."""
     tok = Tokenizer(models.BPE())
@@ -37,24 +57,40 @@ def _byte_bpe() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         probe_corpus(),
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
     return tok
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=_word_level(), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=_word_level(),
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=_byte_bpe(), eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        tokenizer_object=_byte_bpe(),
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
+
+
+def varied_texts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[str]:
+    """``n`` texts of ``low..high`` words drawn from the probe corpus."""
+    rng = random.Random(seed)
+    words = " ".join(probe_corpus()).split()
+    return [" ".join(rng.choices(words, k=rng.randint(low, high))) for _ in range(n)]
 
 
 def build(kind: str, seed: int = 0):
@@ -67,38 +103,84 @@ def build(kind: str, seed: int = 0):
     if kind in ("bert", "roberta"):
         tok = word_tokenizer()
         cfg_cls = tf.BertConfig if kind == "bert" else tf.RobertaConfig
-        cfg = cfg_cls(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=n,
-                      max_position_embeddings=130, pad_token_id=0, **common)
+        cfg = cfg_cls(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN,
+            num_hidden_layers=n,
+            max_position_embeddings=130,
+            pad_token_id=0,
+            **common,
+        )
         model = (tf.BertModel if kind == "bert" else tf.RobertaModel)(cfg)
     elif kind == "distilbert":
         tok = word_tokenizer()
-        cfg = tf.DistilBertConfig(vocab_size=len(tok), dim=HIDDEN, n_layers=n, n_heads=2, hidden_dim=37,
-                                  max_position_embeddings=130, pad_token_id=0)
+        cfg = tf.DistilBertConfig(
+            vocab_size=len(tok),
+            dim=HIDDEN,
+            n_layers=n,
+            n_heads=2,
+            hidden_dim=37,
+            max_position_embeddings=130,
+            pad_token_id=0,
+        )
         model = tf.DistilBertModel(cfg)
     elif kind == "gpt2":
         tok = bpe_tokenizer()
-        cfg = tf.GPT2Config(vocab_size=len(tok), n_embd=HIDDEN, n_layer=n, n_head=2, n_positions=130,
-                            bos_token_id=0, eos_token_id=0)
+        cfg = tf.GPT2Config(
+            vocab_size=len(tok),
+            n_embd=HIDDEN,
+            n_layer=n,
+            n_head=2,
+            n_positions=130,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = tf.GPT2Model(cfg)
     elif kind == "gpt_neox":
         tok = bpe_tokenizer()
-        cfg = tf.GPTNeoXConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=n,
-                               max_position_embeddings=130, bos_token_id=0, eos_token_id=0, **common)
+        cfg = tf.GPTNeoXConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN,
+            num_hidden_layers=n,
+            max_position_embeddings=130,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
         model = tf.GPTNeoXModel(cfg)
     elif kind == "llama":
         tok = bpe_tokenizer()
-        cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=n,
-                             num_key_value_heads=1, max_position_embeddings=130, bos_token_id=0,
-                             eos_token_id=0, pad_token_id=None, **common)
+        cfg = tf.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN,
+            num_hidden_layers=n,
+            num_key_value_heads=1,
+            max_position_embeddings=130,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=None,
+            **common,
+        )
         model = tf.LlamaModel(cfg)
     elif kind == "t5":
         tok = bpe_tokenizer()
-        cfg = tf.T5Config(vocab_size=len(tok), d_model=HIDDEN, d_kv=16, d_ff=37, num_layers=n,
-                          num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=0)
+        cfg = tf.T5Config(
+            vocab_size=len(tok),
+            d_model=HIDDEN,
+            d_kv=16,
+            d_ff=37,
+            num_layers=n,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=0,
+        )
         model = tf.T5Model(cfg)
     elif kind == "vit":
         tok = tf.ViTImageProcessor(size={"height": 32, "width": 32})
-        cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=n, **common)
+        cfg = tf.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=n, **common
+        )
         model = tf.ViTModel(cfg)
     else:
         raise ValueError(kind)
