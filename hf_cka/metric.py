@@ -194,11 +194,26 @@ class MinibatchCKA:
         batch_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """U-centred Gram matrices ``(L, n, n)`` and the raw off-diagonal Gram energies ``(L,)``."""
-        feats = validated_features(features, num_layers, names, side, batch_index)
-        # U-centering ignores a per-batch shift of the rows, so centring the columns first
-        # changes no HSIC term but keeps large-offset features from cancelling in float64.
-        k = torch.stack([gram(x - x.mean(dim=0), self.kernel, self.threshold) for x in feats])
+        feats = validated_features(
+            features, num_layers, names, side, batch_index, check_finite=False
+        )
+        k = self._grams(feats)
+        # a NaN or Inf activation of sample i reaches K_ii = ||x_i||^2: one cheap check
+        check_finite_layers(k.diagonal(dim1=-2, dim2=-1), names, batch_index)
         return u_center_gram(k), _off_diagonal_energy(k)
+
+    def _grams(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """``(L, n, n)`` Gram matrices of column-centred features (one batched product when the
+        layers share a width and the kernel is linear).
+
+        U-centering ignores a per-batch shift of the rows, so centring the columns first changes
+        no HSIC term but keeps large-offset features from cancelling in float64.
+        """
+        if self.kernel == "linear" and len({x.shape[1] for x in feats}) == 1:
+            x = torch.stack(feats)
+            x = x - x.mean(dim=1, keepdim=True)
+            return torch.bmm(x, x.transpose(1, 2))
+        return torch.stack([gram(x - x.mean(dim=0), self.kernel, self.threshold) for x in feats])
 
     def _accumulate(
         self,
@@ -331,12 +346,14 @@ def validated_features(
     names: Sequence[str],
     side: str,
     batch_index: int,
+    *,
+    check_finite: bool = True,
 ) -> list[torch.Tensor]:
     """One side's features as float64 ``(n, d)`` tensors on the first layer's device.
 
     Raises:
         ShapeMismatchError: not one tensor per layer, or layers with different sample counts.
-        NonFiniteActivationError: NaN or Inf, naming the layer and the batch.
+        NonFiniteActivationError: NaN or Inf (with ``check_finite``), naming layer and batch.
     """
     if len(features) != num_layers:
         raise ShapeMismatchError(
@@ -349,17 +366,23 @@ def validated_features(
             f"{sorted(sizes)}"
         )
     device = features[0].device  # layers of a model split over devices meet on the first
-    out = []
-    for name, feats in zip(names, features, strict=True):
-        x = as_features(feats).to(device)
-        if not torch.isfinite(x).all():
-            raise NonFiniteActivationError(
-                f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
-                "check the inputs and the model's dtype (float16 overflows easily: load the "
-                "model in float32 or bfloat16)"
-            )
-        out.append(x)
+    out = [as_features(feats).to(device) for feats in features]
+    if check_finite:
+        check_finite_layers(torch.stack([x.sum() for x in out]), names, batch_index)
     return out
+
+
+def check_finite_layers(per_layer: torch.Tensor, names: Sequence[str], batch_index: int) -> None:
+    """Raise for the first layer whose value in ``per_layer`` (a sum over its activations, or
+    its Gram diagonal) is NaN or Inf -- a non-finite activation makes it so."""
+    finite = torch.isfinite(per_layer.reshape(len(names), -1)).all(dim=1)
+    if not bool(finite.all()):
+        name = names[int((~finite).nonzero()[0])]
+        raise NonFiniteActivationError(
+            f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
+            "check the inputs and the model's dtype (float16 overflows easily: load the "
+            "model in float32 or bfloat16)"
+        )
 
 
 def layer_names(
