@@ -58,13 +58,22 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     if threshold <= 0:
         raise InvalidInputError(f"expected an RBF threshold > 0, got {threshold}")
     x = as_features(x)
-    dots = x @ x.T
-    sq_norms = torch.diagonal(dots)
-    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * dots).clamp_min_(0.0)
+    sq_dist = squared_distances(x)
     sigma2 = threshold**2 * _median(sq_dist)
     if sigma2 == 0:  # all samples identical: the kernel is constant, CKA is undefined
         return torch.ones_like(sq_dist)
     return torch.exp(-sq_dist / (2.0 * sigma2))
+
+
+def squared_distances(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``||x_i - x_j||^2`` of the rows of ``x``, in float64.
+
+    Computed from the differences, not as ``|a|^2 + |b|^2 - 2ab``: that expansion leaves
+    rounding residues (~1e-17) between identical rows, which would turn the median bandwidth of
+    duplicated samples into noise. Identical rows get exactly 0.
+    """
+    x = as_features(x)
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 def gram(x: torch.Tensor, kernel: Kernel = "linear", threshold: float = 1.0) -> torch.Tensor:
