@@ -8,6 +8,7 @@ accumulates its own summable states; :func:`all_reduce_sum` combines them once a
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 
@@ -20,12 +21,31 @@ def _state():  # noqa: ANN202 - accelerate.PartialState, imported lazily
     CPU, or accelerate 1.15 reports a single process inside a multi-process launch."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    owned = not _group_exists()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if owned and _group_exists():  # we created the process group: we tear it down
+        atexit.register(_destroy_group)
+    return state
+
+
+def _group_exists() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _destroy_group() -> None:
+    """Destroy the process group hf_cka created, before the interpreter exits.
+
+    A gloo group left to the interpreter's teardown destroys its worker threads while they are
+    still joinable, and the process dies with ``terminate called without an active exception``
+    (SIGABRT) after its work is done — about one run in twenty on a loaded machine.
+    """
+    if _group_exists():
+        torch.distributed.destroy_process_group()
 
 
 def _launched() -> bool:
     """True when the environment describes more than one process (or a group already exists)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_exists():
         return True
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -90,9 +91,21 @@ def _sync() -> dict[str, Any]:
     }
 
 
+def _record_teardown(out: Path, rank: int) -> None:
+    """At exit, record whether hf_cka destroyed the process group it created.
+
+    Registered before hf_cka creates the group, so it runs after hf_cka's own exit handler
+    (atexit is last-in, first-out). A gloo group left to interpreter teardown aborts the process
+    about one run in twenty; this makes that cause visible in every run.
+    """
+    state = "destroyed" if not torch.distributed.is_initialized() else "alive"
+    (out / f"rank{rank}.exit").write_text(state)
+
+
 def main(argv: list[str]) -> None:
     mode, *args = argv
     out = Path(args[-1])
+    atexit.register(_record_teardown, out, int(os.environ["RANK"]))
     payload = _compare(args[0]) if mode == "compare" else _sync()
     rank = int(os.environ["RANK"])
     payload.update(

@@ -75,6 +75,8 @@ def _ranks(out: Path) -> list[dict[str, Any]]:
         )
         assert record["hf_cka_rank"] == record["launcher_rank"]
         assert record["is_main_process"] == (record["launcher_rank"] == 0)
+        exit_file = out / f"rank{record['launcher_rank']}.exit"
+        assert exit_file.read_text() == "destroyed", "hf_cka left its process group to teardown"
     assert sorted(r["launcher_rank"] for r in records) == list(range(WORLD))
     return records
 
