@@ -61,7 +61,7 @@ def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
         and len(module) > 0
         and len({type(child) for child in module}) == 1
     ]
-    with_attention = [(n, k) for n, k in candidates if _has_attention(model.get_submodule(n)[0])]
+    with_attention = [(n, k) for n, k in candidates if _has_attention(model.get_submodule(n))]
     candidates = with_attention or candidates
     towers = {
         tower: [(n, k) for n, k in candidates if _names_tower(n, tower)] for tower in _TOWER_WORDS
@@ -95,9 +95,10 @@ def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
     return max(candidates, key=lambda item: (item[1], -item[0].count(".")))[0]
 
 
-def _has_attention(block: nn.Module) -> bool:
-    """Whether ``block`` has a submodule named like an attention layer (``attn``, ``attention``)."""
-    words = (name.rsplit(".", 1)[-1].lower() for name, _ in block.named_modules())
+def _has_attention(blocks: nn.Module) -> bool:
+    """Whether the first of ``blocks`` has a submodule named like ``attn`` or ``attention``."""
+    first = next(iter(blocks.children()))
+    words = (name.rsplit(".", 1)[-1].lower() for name, _ in first.named_modules())
     return any("attn" in word or "attention" in word for word in words)
 
 
