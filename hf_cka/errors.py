@@ -97,3 +97,8 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
         return ""
     quoted = [f"'{m}'" for m in matches]
     return " Did you mean " + (" or ".join(quoted) if len(quoted) < 3 else ", ".join(quoted)) + "?"
+
+
+# --- full-data similarity measures (hf_cka.measures) ---
+class FullDataMemoryError(MemoryBudgetError):
+    """A full-data measure would hold more pooled features than ``max_bytes`` allows."""
