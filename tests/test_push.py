@@ -118,7 +118,7 @@ def test_conflict_is_rebuilt_on_the_new_head(hub, repo_id: str, tmp_path: Path, 
     first, second = make_result(11), make_result(12)
     first.push_to_hub(repo_id, local_dir=tmp_path / "first")
     hub.fail_next(1, 412, match=f"{repo_id}/commit/")  # as if another push just landed
-    with caplog.at_level("WARNING", logger="hf_cka.result"):
+    with caplog.at_level("WARNING", logger="hf_cka.hub"):
         second.push_to_hub(repo_id, local_dir=tmp_path / "second", **FAST)
     assert "conflict with a concurrent push (HTTP 412)" in caplog.text
     runs = datasets.load_dataset(repo_id, "runs", split="train")

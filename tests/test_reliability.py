@@ -315,7 +315,7 @@ def test_a_push_to_an_unreachable_hub_is_retried_then_keeps_the_local_copy(
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
     result, local = make_result(1), tmp_path / "kept"
-    with caplog.at_level(logging.WARNING, logger="hf_cka.result"), pytest.raises(
+    with caplog.at_level(logging.WARNING, logger="hf_cka.hub"), pytest.raises(
         HubPushError, match=r"after 3 attempt\(s\)"
     ) as caught:
         result.push_to_hub("someone/unreachable", local_dir=local, max_attempts=3, backoff_s=0.01)

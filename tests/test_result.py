@@ -13,7 +13,7 @@ import yaml
 from huggingface_hub import DatasetCard
 from safetensors.torch import save_file
 
-import hf_cka.result as result_module
+import hf_cka.storage as storage_module
 from hf_cka.cards import escape_markdown, render_dataset_card
 from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from hf_cka.result import CKAResult, DriftResult, new_run_id, validate_run_id
@@ -173,7 +173,7 @@ def test_crash_mid_save_keeps_the_previous_result(tmp_path: Path, monkeypatch) -
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(result_module, "save_file", disk_full)
+    monkeypatch.setattr(storage_module, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         make_result(seed=2).save(target)
     assert_bit_identical(CKAResult.load(target).matrix, first.matrix)
