@@ -44,7 +44,7 @@ from hf_cka.storage import (
     validate_repo_id,
     validate_run_id,
 )
-from hf_cka.stored import Stored, scores_table, tensors_of
+from hf_cka.stored import DRIFT_KEY, Stored, drift_info, drift_run_ids, scores_table, tensors_of
 
 if TYPE_CHECKING:
     import datasets
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DRIFT_FILE", "DEFAULT_LOCAL_ROOT", "CKAResult", "DriftResult", "new_run_id",
            "validate_repo_id", "validate_run_id"]  # fmt: skip
-
-DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftResult
 
 
 def _as_float64(value: Any, name: str) -> torch.Tensor:
@@ -535,25 +533,9 @@ class DriftResult(Stored):
 
     @classmethod
     def _select(cls, runs: HubRuns, wanted: str | None) -> DriftResult:
-        members: dict[str, list[tuple[int, str]]] = {}
-        created: dict[str, Any] = {}
-        for entry in runs.summaries():
-            if (info := _drift_info(entry["metadata"])) is not None:
-                drift_id = info["metadata"]["drift_id"]
-                members.setdefault(drift_id, []).append((info["index"], entry["run_id"]))
-                created[drift_id] = info["metadata"].get("created_at")
-        if not members:
-            raise ResultFormatError(f"{runs.source}: holds no drift (no run records one)")
-        if wanted is None:
-            wanted = max(members, key=lambda d: (storage.created_key(created[d]), d))
-        elif wanted not in members:
-            raise ResultFormatError(
-                f"{runs.source}: no drift {wanted!r}; available drifts: {', '.join(members)}."
-                + suggest(wanted, members)
-            )
-        run_ids = [run_id for _, run_id in sorted(members[wanted])]
+        wanted, run_ids = drift_run_ids(runs, wanted)
         results = [CKAResult._from_tables(runs.record(r), *runs.scores(r)) for r in run_ids]
-        infos = [_drift_info(result.metadata) for result in results]
+        infos = [drift_info(result.metadata) for result in results]
         info = infos[0]
         if info is None or [i["index"] if i else None for i in infos] != list(
             range(len(info["checkpoints"]))
@@ -566,19 +548,3 @@ class DriftResult(Stored):
             return cls(info["base"], info["checkpoints"], results, info["metadata"])
         except (ShapeMismatchError, InvalidInputError) as err:
             raise ResultFormatError(f"{runs.source}: drift {wanted!r}: {err}") from err
-
-
-def _drift_info(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The well-formed ``metadata["drift"]`` of a run, or None."""
-    info = metadata.get(DRIFT_KEY)
-    if not isinstance(info, dict):
-        return None
-    meta = info.get("metadata")
-    well_formed = (
-        isinstance(info.get("base"), str)
-        and isinstance(info.get("checkpoints"), list)
-        and isinstance(info.get("index"), int)
-        and isinstance(meta, dict)
-        and isinstance(meta.get("drift_id"), str)
-    )
-    return info if well_formed else None

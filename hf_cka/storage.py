@@ -311,7 +311,10 @@ def read_tensors(
         raise ResultFormatError(f"{path}: missing tensor 'matrix'")
     if unknown := set(tensors) - {"matrix", *OPTIONAL_TENSORS}:
         raise ResultFormatError(f"{path}: unexpected tensors {sorted(unknown)}")
-    for name, tensor in tensors.items():
+    for name in ("matrix", *OPTIONAL_TENSORS):
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
         if tensor.dtype != torch.float64 or tuple(tensor.shape) != shape:
             raise ResultFormatError(
                 f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected"

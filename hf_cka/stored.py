@@ -19,7 +19,7 @@ from huggingface_hub import CommitInfo
 
 from hf_cka import hub, storage
 from hf_cka._network import clean_token
-from hf_cka.errors import ResultFormatError
+from hf_cka.errors import ResultFormatError, suggest
 from hf_cka.hub import SCORES_SCHEMA, HubRuns
 from hf_cka.storage import DEFAULT_LOCAL_ROOT, validate_repo_id, validate_run_id
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from hf_cka.result import CKAResult
 
 _Result = TypeVar("_Result", bound="Stored")
+DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftResult
 
 
 class Stored:
@@ -234,3 +235,45 @@ def tensors_of(record: Mapping[str, Any], scores: pa.Table, source: str) -> dict
         values[index_a, index_b] = scores.column(name).to_numpy(zero_copy_only=False)
         grids[name] = torch.from_numpy(values)
     return grids
+
+
+def drift_info(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The well-formed ``metadata["drift"]`` of a run, or None."""
+    info = metadata.get(DRIFT_KEY)
+    if not isinstance(info, dict):
+        return None
+    meta = info.get("metadata")
+    well_formed = (
+        isinstance(info.get("base"), str)
+        and isinstance(info.get("checkpoints"), list)
+        and isinstance(info.get("index"), int)
+        and isinstance(meta, dict)
+        and isinstance(meta.get("drift_id"), str)
+    )
+    return info if well_formed else None
+
+
+def drift_run_ids(runs: HubRuns, wanted: str | None) -> tuple[str, list[str]]:
+    """The drift ``wanted`` (None: the latest by ``created_at``) and its run ids, in order.
+
+    Raises:
+        ResultFormatError: the repository holds no drift, or not ``wanted`` (the message lists
+            the available ones).
+    """
+    members: dict[str, list[tuple[int, str]]] = {}
+    created: dict[str, Any] = {}
+    for entry in runs.summaries():
+        if (info := drift_info(entry["metadata"])) is not None:
+            drift_id = info["metadata"]["drift_id"]
+            members.setdefault(drift_id, []).append((info["index"], entry["run_id"]))
+            created[drift_id] = info["metadata"].get("created_at")
+    if not members:
+        raise ResultFormatError(f"{runs.source}: holds no drift (no run records one)")
+    if wanted is None:
+        wanted = max(members, key=lambda d: (storage.created_key(created[d]), d))
+    elif wanted not in members:
+        raise ResultFormatError(
+            f"{runs.source}: no drift {wanted!r}; available drifts: {', '.join(members)}."
+            + suggest(wanted, members)
+        )
+    return wanted, [run_id for _, run_id in sorted(members[wanted])]
