@@ -8,7 +8,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 try:
     from httpx2 import LocalProtocolError, TransportError
 except ImportError:  # huggingface_hub < 2 speaks httpx
-    from httpx import LocalProtocolError, TransportError
+    from httpx import LocalProtocolError, TransportError  # type: ignore[no-redef, import-not-found]
 
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     TransportError,

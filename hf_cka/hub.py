@@ -56,6 +56,7 @@ INDEX_SCHEMA = "hf_cka.HubIndex"
 _RUNS_FILE = re.compile(r"data/runs/([^/]+)\.parquet")
 _CONFLICT_STATUS = frozenset({409, 412})
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_PUSH_ERRORS: tuple[type[BaseException], ...] = (OSError, ResultFormatError, *NETWORK_ERRORS)
 _SUMMARY_KEYS = ("run_id", "model_a", "model_b", "created_at", "num_layers_a", "num_layers_b")
 
 SCORES_SCHEMA = pa.schema(
@@ -390,7 +391,7 @@ def push_runs(
                 parent_commit=existing.revision,
                 token=token,
             )
-        except (OSError, *NETWORK_ERRORS, ResultFormatError) as err:
+        except _PUSH_ERRORS as err:
             reason = _retry_reason(err)
             if reason is None or attempt == max_attempts:
                 raise _push_error(err, len(runs), repo_id, local_copy, attempt, token) from None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,25 +25,32 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from hf_cka import hub, storage
-from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError, suggest
+from hf_cka import storage
+from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from hf_cka.hub import HubRun, HubRuns
 from hf_cka.storage import (
     DEFAULT_LOCAL_ROOT,
     DRIFT_FILE,
     DRIFT_SCHEMA_NAME,
     OPTIONAL_TENSORS,
-    RESULT_FILE,
     SCHEMA_NAME,
     SCHEMA_VERSION,
-    TENSORS_FILE,
     json_text,
     new_run_id,
     utc_now,
     validate_repo_id,
     validate_run_id,
 )
-from hf_cka.stored import DRIFT_KEY, Stored, drift_info, drift_run_ids, scores_table, tensors_of
+from hf_cka.stored import (
+    DRIFT_KEY,
+    Stored,
+    drift_info,
+    drift_run_ids,
+    pick_run,
+    run_record,
+    scores_table,
+    tensors_of,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -162,11 +168,7 @@ class CKAResult(Stored):
             "layers_b": self.layers_b,
             "metadata": self.metadata,
         }
-        text = json_text(document, "metadata")  # before writing anything
-        folder.mkdir(exist_ok=True)
-        digest = storage.write_tensors(folder / TENSORS_FILE, self._tensors())
-        text = json_text({**document, "tensors_sha256": digest}, "metadata")
-        (folder / RESULT_FILE).write_text(text, encoding="utf-8")
+        storage.write_result(folder, document, self._tensors())
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         names = ("matrix", *OPTIONAL_TENSORS)
@@ -174,23 +176,14 @@ class CKAResult(Stored):
 
     @classmethod
     def _read(cls, folder: Path) -> CKAResult:
-        path = folder / RESULT_FILE
-        doc = storage.read_json(path, SCHEMA_NAME)
-        layers_a = storage.field(doc, "layers_a", list, path)
-        layers_b = storage.field(doc, "layers_b", list, path)
-        metadata = storage.field(doc, "metadata", dict, path)
-        storage.checked_run_id(metadata.get("run_id"), path)
-        digest = doc.get("tensors_sha256")  # absent in results saved before it was recorded
-        tensors = storage.read_tensors(
-            folder / TENSORS_FILE, (len(layers_a), len(layers_b)), digest and str(digest)
-        )
+        doc, tensors = storage.read_result(folder)
         return cls(
             tensors["matrix"],
-            layers_a,
-            layers_b,
-            storage.field(doc, "model_a", str, path),
-            storage.field(doc, "model_b", str, path),
-            metadata,
+            doc["layers_a"],
+            doc["layers_b"],
+            doc["model_a"],
+            doc["model_b"],
+            doc["metadata"],
             tensors.get("stderr"),
             tensors.get("null"),
         )
@@ -255,21 +248,9 @@ class CKAResult(Stored):
 
     def _run_record(self) -> dict[str, Any]:
         """The row of this run in the ``runs`` table, plus its ``metadata``."""
-        return {
-            "run_id": self.run_id,
-            "model_a": self.model_a,
-            "model_b": self.model_b,
-            "created_at": str(self.metadata.get("created_at", "")),
-            "num_layers_a": len(self.layers_a),
-            "num_layers_b": len(self.layers_b),
-            "has_stderr": self.stderr is not None,
-            "has_null": self.null is not None,
-            "schema_version": SCHEMA_VERSION,
-            "layers_a_json": json_text(self.layers_a, "layers_a"),
-            "layers_b_json": json_text(self.layers_b, "layers_b"),
-            "metadata_json": json_text(self.metadata, "metadata"),
-            "metadata": self.metadata,
-        }
+        present = set(self._tensors())
+        return run_record(self.run_id, self.model_a, self.model_b, self.layers_a, self.layers_b,
+                          self.metadata, present)  # fmt: skip
 
     @classmethod
     def from_hub(
@@ -300,29 +281,16 @@ class CKAResult(Stored):
 
     @classmethod
     def _select(cls, runs: HubRuns, wanted: str | None) -> CKAResult:
-        if wanted is None:
-            wanted = str(hub.newest(runs.summaries())["run_id"])
-        elif wanted not in (available := runs.checked_run_ids()):
-            raise ResultFormatError(
-                f"{runs.source}: no run {wanted!r}; available runs: {', '.join(available)}."
-                + suggest(wanted, available)
-            )
-        return cls._from_tables(runs.record(wanted), *runs.scores(wanted))
+        return cls._from_hub_run(runs, pick_run(runs, wanted))
 
     @classmethod
-    def _from_tables(cls, record: Mapping[str, Any], scores: pa.Table, source: str) -> CKAResult:
-        """Rebuild a result from its decoded ``runs`` record and its ``scores`` table."""
-        grids = tensors_of(record, scores, source)
-        return cls(
-            grids["cka"],
-            record["layers_a"],
-            record["layers_b"],
-            record["model_a"],
-            record["model_b"],
-            record["metadata"],
-            grids.get("stderr"),
-            grids.get("null"),
-        )
+    def _from_hub_run(cls, runs: HubRuns, run_id: str) -> CKAResult:
+        """Rebuild the run ``run_id`` from its validated ``runs`` record and ``scores`` table."""
+        record = runs.record(run_id)
+        grids = tensors_of(record, *runs.scores(run_id))
+        return cls(grids["cka"], record["layers_a"], record["layers_b"], record["model_a"],
+                   record["model_b"], record["metadata"], grids.get("stderr"),
+                   grids.get("null"))  # fmt: skip
 
 
 @dataclass(eq=False, repr=False)
@@ -412,9 +380,10 @@ class DriftResult(Stored):
     @property
     def stderr(self) -> torch.Tensor | None:
         """Standard errors of :attr:`similarity`, or None unless every result has them."""
-        if any(result.stderr is None for result in self.results):
+        stderrs = [result.stderr for result in self.results]
+        if any(stderr is None for stderr in stderrs):
             return None
-        return torch.stack([result.stderr.diagonal() for result in self.results], dim=1)
+        return torch.stack([stderr.diagonal() for stderr in stderrs if stderr is not None], dim=1)
 
     def to_pandas(self) -> pd.DataFrame:
         """Long table of :attr:`similarity`, one row per (checkpoint, layer).
@@ -475,34 +444,17 @@ class DriftResult(Stored):
 
     @classmethod
     def _read(cls, folder: Path) -> DriftResult:
-        path = folder / DRIFT_FILE
-        doc = storage.read_json(path, DRIFT_SCHEMA_NAME)
-        runs = [storage.checked_run_id(r, path) for r in storage.field(doc, "runs", list, path)]
-        folders = (  # results saved before sub-folders were named by checkpoint: by run id
-            [
-                storage.checked_folder_name(name, path)
-                for name in storage.field(doc, "folders", list, path)
-            ]
-            if "folders" in doc
-            else runs
-        )
-        if len(folders) != len(runs):
-            raise ResultFormatError(f"{path}: {len(folders)} folders for {len(runs)} runs")
-        results = [CKAResult.load(folder / name) for name in folders]
-        for name, run_id, result in zip(folders, runs, results, strict=True):
+        doc, members = storage.read_drift(folder)
+        results = [CKAResult.load(folder / name) for name, _ in members]
+        for (name, run_id), result in zip(members, results, strict=True):
             if result.run_id != run_id:
                 raise ResultFormatError(
                     f"{folder / name}: holds run {result.run_id!r}, expected {run_id!r}"
                 )
         try:
-            return cls(
-                storage.field(doc, "base", str, path),
-                storage.field(doc, "checkpoints", list, path),
-                results,
-                storage.field(doc, "metadata", dict, path),
-            )
+            return cls(doc["base"], doc["checkpoints"], results, doc["metadata"])
         except (ShapeMismatchError, InvalidInputError) as err:
-            raise ResultFormatError(f"{path}: {err}") from err
+            raise ResultFormatError(f"{folder / DRIFT_FILE}: {err}") from err
 
     def _runs(self) -> list[CKAResult]:
         return self.results
@@ -534,7 +486,7 @@ class DriftResult(Stored):
     @classmethod
     def _select(cls, runs: HubRuns, wanted: str | None) -> DriftResult:
         wanted, run_ids = drift_run_ids(runs, wanted)
-        results = [CKAResult._from_tables(runs.record(r), *runs.scores(r)) for r in run_ids]
+        results = [CKAResult._from_hub_run(runs, run_id) for run_id in run_ids]
         infos = [drift_info(result.metadata) for result in results]
         info = infos[0]
         if info is None or [i["index"] if i else None for i in infos] != list(

@@ -273,9 +273,67 @@ def field(doc: Mapping[str, Any], key: str, kind: type, source: Any) -> Any:
         raise ResultFormatError(
             f"{source}: {key!r} must be {kind.__name__}, got {type(value).__name__}"
         )
-    if kind is list and not all(isinstance(item, str) for item in value):
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
         raise ResultFormatError(f"{source}: {key!r} must be a list of strings")
     return value
+
+
+def write_result(
+    folder: Path, document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Write ``tensors.safetensors`` and ``result.json`` (``document`` and the tensors' sha256)
+    into ``folder`` (created).
+
+    Raises:
+        InvalidInputError: ``document`` is not JSON-serialisable (nothing is written).
+    """
+    json_text(document, "metadata")
+    folder.mkdir(exist_ok=True)
+    digest = write_tensors(folder / TENSORS_FILE, tensors)
+    text = json_text({**document, "tensors_sha256": digest}, "metadata")
+    (folder / RESULT_FILE).write_text(text, encoding="utf-8")
+
+
+def read_result(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The validated ``result.json`` of ``folder`` and its tensors.
+
+    Raises:
+        ResultFormatError: a file is missing or malformed (schema, version, key, type, run id,
+            tensor dtype, shape or sha256).
+    """
+    path = folder / RESULT_FILE
+    doc = read_json(path, SCHEMA_NAME)
+    for key, kind in (("layers_a", list), ("layers_b", list), ("metadata", dict)):
+        field(doc, key, kind, path)
+    checked_run_id(doc["metadata"].get("run_id"), path)
+    digest = doc.get("tensors_sha256")  # absent in results saved before it was recorded
+    shape = (len(doc["layers_a"]), len(doc["layers_b"]))
+    tensors = read_tensors(
+        folder / TENSORS_FILE, shape, digest if isinstance(digest, str) else None
+    )
+    for key in ("model_a", "model_b"):
+        field(doc, key, str, path)
+    return doc, tensors
+
+
+def read_drift(folder: Path) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The validated ``drift.json`` of ``folder`` and its (sub-folder, run id) pairs.
+
+    Drifts saved before sub-folders were named by checkpoint name them by run id.
+    """
+    path = folder / DRIFT_FILE
+    doc = read_json(path, DRIFT_SCHEMA_NAME)
+    runs = [checked_run_id(run_id, path) for run_id in field(doc, "runs", list, path)]
+    folders = (
+        [checked_folder_name(name, path) for name in field(doc, "folders", list, path)]
+        if "folders" in doc
+        else runs
+    )
+    if len(folders) != len(runs):
+        raise ResultFormatError(f"{path}: {len(folders)} folders for {len(runs)} runs")
+    for key, kind in (("base", str), ("checkpoints", list), ("metadata", dict)):
+        field(doc, key, kind, path)
+    return doc, list(zip(folders, runs, strict=True))
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:

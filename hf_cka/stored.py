@@ -162,9 +162,9 @@ class Stored:
         validate_repo_id(repo_id)
         if wanted is not None:
             validate_run_id(wanted)
-        token = clean_token(token)
-        with hub.reading(repo_id, revision, token) as api:
-            return cls._select(HubRuns.pin(api, repo_id, revision, token), wanted)
+        cleaned = clean_token(token)
+        with hub.reading(repo_id, revision, cleaned) as api:
+            return cls._select(HubRuns.pin(api, repo_id, revision, cleaned), wanted)
 
 
 def scores_table(
@@ -277,3 +277,48 @@ def drift_run_ids(runs: HubRuns, wanted: str | None) -> tuple[str, list[str]]:
             + suggest(wanted, members)
         )
     return wanted, [run_id for _, run_id in sorted(members[wanted])]
+
+
+def run_record(
+    run_id: str,
+    model_a: str,
+    model_b: str,
+    layers_a: list[str],
+    layers_b: list[str],
+    metadata: Mapping[str, Any],
+    tensors: set[str],
+) -> dict[str, Any]:
+    """The row of a run in the ``runs`` table (``tensors``: which of ``stderr``, ``null`` it
+    has), plus its ``metadata``."""
+    return {
+        "run_id": run_id,
+        "model_a": model_a,
+        "model_b": model_b,
+        "created_at": str(metadata.get("created_at", "")),
+        "num_layers_a": len(layers_a),
+        "num_layers_b": len(layers_b),
+        "has_stderr": "stderr" in tensors,
+        "has_null": "null" in tensors,
+        "schema_version": storage.SCHEMA_VERSION,
+        "layers_a_json": storage.json_text(layers_a, "layers_a"),
+        "layers_b_json": storage.json_text(layers_b, "layers_b"),
+        "metadata_json": storage.json_text(metadata, "metadata"),
+        "metadata": metadata,
+    }
+
+
+def pick_run(runs: HubRuns, wanted: str | None) -> str:
+    """The run ``wanted``, or the latest by ``created_at`` when None.
+
+    Raises:
+        ResultFormatError: the repository holds no run, or not ``wanted`` (the message lists
+            the available ones).
+    """
+    if wanted is None:
+        return str(hub.newest(runs.summaries())["run_id"])
+    if wanted not in (available := runs.checked_run_ids()):
+        raise ResultFormatError(
+            f"{runs.source}: no run {wanted!r}; available runs: {', '.join(available)}."
+            + suggest(wanted, available)
+        )
+    return wanted

@@ -281,3 +281,10 @@ def test_from_hub_errors_are_typed_and_one_line(hub, repo_id: str, tmp_path: Pat
     HfApi().create_repo(empty, repo_type="dataset")
     with pytest.raises(ResultFormatError, match="holds no hf_cka run.*push a result"):
         CKAResult.from_hub(empty)
+
+
+def test_an_illegal_header_is_not_retried_and_not_shown(hub, repo_id: str, tmp_path: Path) -> None:
+    token = "hf_abc\ndefsecret"  # a newline inside: the HTTP client refuses the header
+    with pytest.raises(HubPushError, match=r"after 1 attempt.*malformed") as caught:
+        make_result(27).push_to_hub(repo_id, token=token, local_dir=tmp_path / "run", **FAST)
+    assert "defsecret" not in str(caught.value) and "\n" not in str(caught.value)
