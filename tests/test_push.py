@@ -288,3 +288,20 @@ def test_an_illegal_header_is_not_retried_and_not_shown(hub, repo_id: str, tmp_p
     with pytest.raises(HubPushError, match=r"after 1 attempt.*malformed") as caught:
         make_result(27).push_to_hub(repo_id, token=token, local_dir=tmp_path / "run", **FAST)
     assert "defsecret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_entry_point_strips_the_token(hub, tmp_path: Path, saved) -> None:
+    from huggingface_hub import HfApi
+
+    from hf_cka import AutoCKA
+    from hf_cka.cli import build_parser
+
+    model = HfApi().create_repo(f"{hub.user}/tiny-{uuid.uuid4().hex[:8]}").repo_id
+    HfApi().upload_folder(repo_id=model, folder_path=saved("bert"))
+    start = len(hub.requests)
+    auto = AutoCKA.from_pretrained(model, token=hub.token + "\n")  # would be an illegal header
+    assert auto.model_a.commit_sha
+    sent = [r.headers.get("authorization") for r in hub.requests[start:]]
+    assert f"Bearer {hub.token}" in sent
+    args = build_parser().parse_args(["push", str(tmp_path), "org/x", "--token", " hf_x\n"])
+    assert args.token == "hf_x"
