@@ -8,9 +8,9 @@ say how to write, read and select themselves. The functions convert a run's tens
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +23,15 @@ from hf_cka.errors import ResultFormatError, suggest
 from hf_cka.hub import SCORES_SCHEMA, HubRuns
 from hf_cka.storage import DEFAULT_LOCAL_ROOT, validate_repo_id, validate_run_id
 
-if TYPE_CHECKING:
-    from hf_cka.result import CKAResult
-
 _Result = TypeVar("_Result", bound="Stored")
+
+
+class Run(Protocol):
+    """One run of a result, as the Hub stores it."""
+
+    def _hub_run(self) -> hub.HubRun: ...
+
+
 DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftResult
 
 
@@ -52,7 +57,7 @@ class Stored:
     def _read(cls: type[_Result], folder: Path) -> _Result:
         raise NotImplementedError
 
-    def _runs(self) -> list[CKAResult]:
+    def _runs(self) -> Sequence[Run]:
         raise NotImplementedError
 
     @classmethod
