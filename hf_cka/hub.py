@@ -176,11 +176,10 @@ class HubRuns:
         )
 
     def table(self, path: str) -> pa.Table:
+        local = self._download(path)
         try:
-            return pq.read_table(self._download(path))
+            return pq.read_table(local)
         except (pa.ArrowException, OSError) as err:
-            if isinstance(err, HfHubHTTPError):
-                raise
             raise ResultFormatError(
                 f"{self.source}/{path}: not a readable parquet file ({err})"
             ) from err
@@ -205,7 +204,7 @@ class HubRuns:
             logger.warning("%s/%s is not valid JSON; reading every run", self.source, INDEX_FILE)
             return {}
         runs = doc.get("runs") if isinstance(doc, dict) else None
-        if doc.get("schema") != INDEX_SCHEMA or not isinstance(runs, dict):
+        if not isinstance(runs, dict) or doc.get("schema") != INDEX_SCHEMA:
             return {}
         return {
             run_id: entry
@@ -289,7 +288,11 @@ def reading(repo_id: str, revision: str | None, token: str | bool | None) -> Ite
         ) from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
-        advice = _advice(err) or "try again later"
+        advice = (
+            "check the token (token=..., HF_TOKEN or `hf auth login`) and your access to the repo"
+            if status in (401, 403)
+            else "try again later"
+        )
         raise HubReadError(
             f"reading the {where} failed (HTTP {status}); {advice}",
             repo_id=repo_id,

@@ -226,6 +226,10 @@ def test_a_repo_without_the_index_still_loads_and_gets_one(hub, repo_id: str, tm
     index = json.loads(repo_files(hub, repo_id)["hf_cka_index.json"])
     assert sorted(index["runs"]) == sorted([old.run_id, new.run_id])
     assert old.run_id.replace("_", r"\_") in repo_files(hub, repo_id)["README.md"].decode()
+    for garbage in (b"[1, 2]", b"{not json"):  # a damaged index is read around, not trusted
+        HfApi().upload_file(path_or_fileobj=garbage, path_in_repo="hf_cka_index.json",
+                            repo_id=repo_id, repo_type="dataset")
+        assert_same(CKAResult.from_hub(repo_id), new)
 
 
 def test_push_returns_the_commit_info(hub, repo_id: str, tmp_path: Path) -> None:
