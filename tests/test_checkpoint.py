@@ -51,7 +51,8 @@ def interrupt_at(batch: int):
 def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest and the states of a checkpoint file."""
     with safe_open(str(path), framework="pt") as handle:
-        return json.loads(handle.metadata()["manifest"]), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: E501, SIM118
+        states = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        return json.loads(handle.metadata()["manifest"]), states
 
 
 def batches_done(folder: Path) -> int | None:
@@ -69,8 +70,12 @@ def assert_same_run(got: CKAResult, expected: CKAResult, atol: float) -> None:
 
 def test_checkpoints_are_written_every_n_batches(auto: AutoCKA, tmp_path: Path) -> None:
     seen: list[int | None] = []
-    run(auto, checkpoint_dir=str(tmp_path), checkpoint_every=2,
-        callback=lambda batch_idx, total, matrix: seen.append(batches_done(tmp_path)))
+    run(
+        auto,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every=2,
+        callback=lambda batch_idx, total, matrix: seen.append(batches_done(tmp_path)),
+    )
     assert seen == [None, None, 2, 2, 4, 4]  # the callback runs before batch k's checkpoint
     assert batches_done(tmp_path) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.safetensors"]
@@ -158,8 +163,9 @@ def test_a_later_file_of_the_same_run_resumes_exactly_and_a_spliced_one_is_refus
     (spliced / "rank0.safetensors").write_bytes(snapshots[2])
     manifest, _ = read(spliced / "rank0.safetensors")
     _, later_states = read(live / "rank0.safetensors")  # 4 batches' sums under a 2-batch manifest
-    save_file(later_states, spliced / "rank0.safetensors",
-              metadata={"manifest": json.dumps(manifest)})
+    save_file(
+        later_states, spliced / "rank0.safetensors", metadata={"manifest": json.dumps(manifest)}
+    )
     with pytest.raises(ResultFormatError, match="disagrees with the states"):
         run(auto, checkpoint_dir=str(spliced), **plain)
 
@@ -168,11 +174,17 @@ def test_changed_weights_or_dtype_are_refused(folders, tmp_path: Path) -> None:
     bert = Path(shutil.copytree(folders["bert"], tmp_path / "bert"))
     checkpoints = str(tmp_path / "checkpoints")
     with pytest.raises(KeyboardInterrupt):
-        run(AutoCKA.from_pretrained(str(bert), folders["gpt2"]), checkpoint_dir=checkpoints,
-            checkpoint_every=2, callback=interrupt_at(3))
+        run(
+            AutoCKA.from_pretrained(str(bert), folders["gpt2"]),
+            checkpoint_dir=checkpoints,
+            checkpoint_every=2,
+            callback=interrupt_at(3),
+        )
     with pytest.raises(ResultFormatError, match="weights, dtype"):
-        run(AutoCKA.from_pretrained(str(bert), folders["gpt2"], dtype="float64"),
-            checkpoint_dir=checkpoints)
+        run(
+            AutoCKA.from_pretrained(str(bert), folders["gpt2"], dtype="float64"),
+            checkpoint_dir=checkpoints,
+        )
     tiny.save("bert", tmp_path / "other", seed=7)  # the same architecture, other weights
     shutil.copy(tmp_path / "other" / "model.safetensors", bert / "model.safetensors")
     with pytest.raises(ResultFormatError, match="weights, dtype"):
