@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
+from ._network import clean_token
 from .data import batch_samples, load_samples
 from .errors import (
     EstimatorWarning,
@@ -123,7 +124,7 @@ class AutoCKA:
             device=device,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
-            token=token,
+            token=clean_token(token),
         )
         loaded_a = loader.load(model_a, revision_a)
         loaded_b = None if model_b is None else loader.load(model_b, revision_b)
@@ -274,7 +275,7 @@ class AutoCKA:
             device=device,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
-            token=token,
+            token=clean_token(token),
         )
         base_model = loader.load(base, revision)
         comparisons = [

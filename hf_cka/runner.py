@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import RunCheckpoint, fingerprint
+from .checkpoint import RunCheckpoint, fingerprint, model_identity
 from .data import batch_samples, collate, encode, lengths, load_samples, same_tokens
 from .engine import forward_features, input_device
 from .errors import InvalidInputError, TokenizerMismatchError
@@ -308,11 +308,11 @@ def run_comparisons(
         for c in comparisons
     ]
     all_accumulators = [acc for item in accumulated for acc in item.accumulators()]
-    run_fingerprint = fingerprint(
+    run_fingerprint = "" if not options.checkpoint_dir else fingerprint(  # hashes weights
         {
             "models": [
-                (c.model_a.name, c.model_a.commit_sha, c.model_b.name, c.model_b.commit_sha,
-                 c.layers_a, c.layers_b) for c in comparisons
+                (c.model_a.name, model_identity(c.model_a), c.model_b.name,
+                 model_identity(c.model_b), c.layers_a, c.layers_b) for c in comparisons
             ],
             "pooling": pooling,
             "data": {k: v for k, v in data_info.items() if k != "size"},
