@@ -25,6 +25,7 @@ import hf_cka
 from hf_cka import CKA, AutoCKA, MinibatchCKA
 from hf_cka.engine import model_inputs
 from hf_cka.errors import InvalidInputError, NonFiniteActivationError, ShapeMismatchError
+from hf_cka.pooling import POOLINGS, padding_mask, pool
 
 HF_CKA_DIR = str(Path(hf_cka.__file__).resolve().parent)
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -107,6 +108,20 @@ def test_a_non_finite_layer_is_still_named_from_the_transferred_sums() -> None:
     with pytest.raises(NonFiniteActivationError, match="layer 'r'.*batch 7"):
         metric.update([torch.randn(8, 2) for _ in range(3)], feats, batch_index=7)
     assert metric.n_batches == 0
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pooling_a_checked_mask_reads_nothing_back(
+    monkeypatch: pytest.MonkeyPatch, pooling: str
+) -> None:
+    hidden = torch.randn(3, 5, 4)
+    full, padded = torch.ones(3, 5), torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]])
+    masks = [padding_mask(full)] + ([] if pooling == "flatten" else [padding_mask(padded)])
+    with counted_syncs(monkeypatch) as counts:
+        pooled = [pool(hidden, mask, pooling, mask_checked=True) for mask in masks]
+    assert not counts, counts
+    for mask, got in zip(masks, pooled, strict=True):  # the same as the checking call
+        assert torch.equal(got, pool(hidden, full if mask is None else mask, pooling))
 
 
 @pytest.fixture(scope="module")
