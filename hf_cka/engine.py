@@ -1,4 +1,4 @@
-"""The seed-compatible ``CKA`` engine for any pair of ``nn.Module``s, and its forward primitives.
+"""The seed-compatible ``CKA`` engine for any pair of ``nn.Module``s (built on :mod:`.capture`).
 
 ``CKA`` keeps the API of pytorch-cka (``cka(dataloader)``, ``with cka: cka.compare(...)``,
 ``export``, ``callback(batch_idx, total, current_matrix)``) and fixes what it got wrong: the
@@ -9,7 +9,7 @@ of flattened with their padding, HSIC terms accumulate in float64 and values are
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,84 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .capture import FeatureCapture, forward_features, input_device, unwrap
 from .errors import EmptyDataError, InvalidInputError
-from .hooks import FeatureCapture
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
 from .pooling import check_pooling
 
 Callback = Callable[[int, int, torch.Tensor], None]
 MIN_BATCH = 4
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The wrapped module of ``DataParallel`` / ``DistributedDataParallel`` (else ``model``)."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Device that inputs must be on: the input embedding's device, else the first parameter's."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    if callable(get_embeddings):
-        try:
-            embeddings = get_embeddings()
-        except (NotImplementedError, AttributeError):
-            embeddings = None
-        if embeddings is not None:
-            weight = getattr(embeddings, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                return weight.device
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def model_inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor | None]:
-    """Split a batch into ``(args, kwargs, attention_mask)`` on ``device``.
-
-    A tensor is the single positional input; for a tuple or list the first element is the input
-    (the rest, e.g. labels, is dropped); a mapping is passed as keyword arguments, so the
-    ``attention_mask`` reaches the model -- and the pooling.
-    """
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(batch, torch.Tensor):
-        return (move(batch),), {}, None
-    if isinstance(batch, Mapping):
-        kwargs = {k: move(v) for k, v in batch.items()}
-        return (), kwargs, kwargs.get("attention_mask")
-    if isinstance(batch, (tuple, list)) and batch:
-        return (
-            model_inputs(batch[0], device)
-            if isinstance(batch[0], Mapping)
-            else (
-                (move(batch[0]),),
-                {},
-                None,
-            )
-        )
-    raise InvalidInputError(
-        f"expected a batch that is a Tensor, a non-empty tuple/list or a dict, got "
-        f"{type(batch).__name__}"
-    )
-
-
-def forward_features(
-    model: nn.Module, capture: FeatureCapture, batch: Any
-) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``batch`` under ``inference_mode``; pooled features by layer spec."""
-    args, kwargs, mask = model_inputs(batch, input_device(model))
-    capture.attention_mask, capture.active = mask, True
-    try:
-        with torch.inference_mode():
-            model(*args, **kwargs)
-    except BaseException:
-        capture.features.clear()
-        raise
-    finally:
-        capture.active = False
-    return capture.pop()
 
 
 class CKA:
