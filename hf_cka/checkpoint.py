@@ -16,21 +16,16 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ResultFormatError
+from .metric import Accumulator
 
 SCHEMA = "hf_cka.checkpoint/1"
-
-
-class Accumulator(Protocol):
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None: ...
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:

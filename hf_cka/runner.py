@@ -23,14 +23,14 @@ from .capture import Extractor
 from .checkpoint import RunCheckpoint, fingerprint
 from .data import batch_samples, load_samples, same_tokens
 from .errors import InvalidInputError, TokenizerMismatchError
-from .metric import MinibatchCKA, compute_quietly
+from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
-from .streaming import ESTIMATORS, StreamingLinearCKA, new_accumulator, stderr_target_reached
+from .statistics import stderr_target_reached
+from .streaming import ESTIMATORS, new_accumulator
 
 Callback = Callable[[int, int, torch.Tensor], None]
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_LENGTH = 128
-Accumulator = MinibatchCKA | StreamingLinearCKA
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""hf_cka.streaming: exact streamed linear CKA, its states, the permutation null and warnings."""
+"""hf_cka.streaming (exact streamed linear CKA, its states, warnings) and hf_cka.statistics'
+permutation null."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from hf_cka.errors import (
     NonFiniteActivationError,
     ShapeMismatchError,
 )
+from hf_cka.statistics import permutation_null
 from hf_cka.streaming import (
     StreamingLinearCKA,
     biased_dimension_warning,
     estimate_bytes,
     new_accumulator,
-    permutation_null,
 )
 
 DIMS_A, DIMS_B = [3, 8, 5], [4, 2, 9, 6]
