@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 import torch
 
@@ -81,6 +81,7 @@ _DEGREES = {
 SCALE_STEP = 64
 
 
+@runtime_checkable
 class Accumulator(Protocol):
     """The contract of every CKA accumulator (:class:`MinibatchCKA`,
     :class:`~hf_cka.streaming.StreamingLinearCKA`), as the runner, checkpoints and
@@ -467,7 +468,12 @@ class MinibatchCKA:
         # sum_b w_b^2 (z_b - z_bar)^2 with z_bar the w^2-weighted mean; rounding can make it a
         # hair negative, and a variance (unlike a CKA value) is clamped at zero.
         spread = (sum_zz - sum_z**2 / s["weight_sq"]).clamp_min(0.0)
-        return torch.sqrt(k / (k - 1) * spread) / weight
+        stderr = torch.sqrt(k / (k - 1) * spread) / weight
+        # a constant layer's cells are undefined like its CKA (the RBF kernel of a constant layer
+        # U-centres to rounding residues, which the formula above would turn into a number)
+        undefined = constant_layers(s["a"], s["raw_a"])[:, None]
+        undefined = undefined | constant_layers(s["e"], s["raw_e"])[None, :]
+        return stderr.masked_fill(undefined, float("nan"))
 
     def _require_batches(self, minimum: int) -> None:
         if self.n_batches < minimum:
@@ -477,11 +483,17 @@ class MinibatchCKA:
             )
 
 
+def constant_layers(hsic_self: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Per layer: whether its self HSIC is at most :data:`CONSTANT_RTOL` of its raw Gram energy
+    (the layer is constant over the data up to float64 rounding)."""
+    return hsic_self <= CONSTANT_RTOL * raw.abs()
+
+
 def nan_constant_layers(
     hsic_self: torch.Tensor, raw: torch.Tensor, names: Sequence[str]
 ) -> torch.Tensor:
     """``hsic_self`` with NaN for layers that are constant over the data (one warning)."""
-    constant = hsic_self <= CONSTANT_RTOL * raw.abs()
+    constant = constant_layers(hsic_self, raw)
     if constant.any():
         listed = ", ".join(f"'{names[i]}'" for i in constant.nonzero().flatten().tolist())
         warnings.warn(
