@@ -47,6 +47,21 @@ class CKA:
         kernel: ``"linear"`` or ``"rbf"``.
         threshold: RBF bandwidth factor.
         progress: show a progress bar (main process only).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_cka import CKA
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> loader = [torch.randn(32, 8) for _ in range(4)]  # batches of 32 samples
+        >>> layers = ["0", "2"]  # module paths, as in model.named_modules()
+        >>> cka = CKA(model, model, model1_layers=layers, model2_layers=layers, progress=False)
+        >>> matrix = cka(loader)  # one forward pass per batch for a self-comparison
+        >>> matrix.shape, matrix.dtype
+        (torch.Size([2, 2]), torch.float64)
+        >>> print(f"{matrix[0, 0]:.4f} {matrix[1, 1]:.4f}")  # every layer matches itself
+        1.0000 1.0000
     """
 
     def __init__(
