@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,8 +25,10 @@ from torch import nn
 from .data import collate, encode, lengths
 from .errors import InvalidInputError, LayerNotFiredError
 from .layers import split_spec
-from .models import LoadedModel
 from .pooling import pool
+
+if TYPE_CHECKING:  # the seed-compatible engine never loads Hub models: keep huggingface_hub out
+    from .models import LoadedModel
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -225,7 +227,9 @@ class Extractor:
             split_spec(spec)[0].split(".")[0] == "decoder" for spec in self.layers
         )
         is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
-        self.forward_module = model.get_encoder() if is_enc_dec and not self.use_decoder else model
+        # get_encoder is a PreTrainedModel method; nn.Module's __getattr__ types it as a Tensor
+        get_encoder = model.get_encoder if is_enc_dec and not self.use_decoder else None
+        self.forward_module: nn.Module = model if get_encoder is None else get_encoder()  # type: ignore[operator]
         # pooled rows gather on the input device: CKA math runs there, only sums go to the CPU
         self.capture = FeatureCapture(model, self.layers, pooling, device=input_device(model))
 

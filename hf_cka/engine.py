@@ -9,7 +9,7 @@ of flattened with their padding, HSIC terms accumulate in float64 and values are
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from types import TracebackType
 from typing import Any
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .capture import FeatureCapture, forward_features, input_device, unwrap
 from .errors import EmptyDataError, InvalidInputError
+from .functional import Kernel
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
 from .pooling import check_pooling
@@ -75,7 +76,7 @@ class CKA:
         device: str | torch.device | None = None,
         *,
         pooling: str = "mean",
-        kernel: str = "linear",
+        kernel: Kernel = "linear",
         threshold: float = 1.0,
         progress: bool = True,
     ) -> None:
@@ -179,7 +180,7 @@ class CKA:
             layer_names_b=self.model2_layers,
         )
         self.metric, self.skipped_batches = metric, []
-        total = len(dataloader) if hasattr(dataloader, "__len__") else -1
+        total = len(dataloader) if isinstance(dataloader, Sized) else -1
         show = (self.progress if progress is None else progress) and distributed.is_main_process()
         bar = tqdm(dataloader, total=total if total >= 0 else None, disable=not show, desc="CKA")
         for batch_idx, batch in enumerate(bar, start=1):

@@ -577,6 +577,7 @@ class StreamingLinearCKA:
                 "data or use debiased=False"
             )
         if not self.debiased:
+            assert self.dims_a is not None and self.dims_b is not None  # allocated: n > 0
             biased_dimension_warning(n, self.dims_a + self.dims_b, stacklevel=3)
         self_a = self._defined_self_terms("a", self.layer_names_a)
         names_b = self.layer_names_b
