@@ -374,8 +374,10 @@ class MinibatchCKA:
         """U-centred Gram matrices ``(L, n, n)`` and the raw off-diagonal Gram energies ``(L,)``
         of the features scaled by ``2^-exponents``."""
         k = self._grams(scaled_features(feats, exponents))
-        # a NaN or Inf activation of sample i reaches K_ii = ||x_i||^2: one cheap check
-        check_finite_layers(k.diagonal(dim1=-2, dim2=-1), names, batch_index)
+        # a NaN or Inf activation of sample i reaches the linear K_ii = ||x_i||^2: one cheap
+        # check; an RBF kernel has K_ii = 1 whatever the distances, so all of it is checked
+        checked = k.diagonal(dim1=-2, dim2=-1) if self.kernel == "linear" else k
+        check_finite_layers(checked, names, batch_index, feats, exponents)
         return u_center_gram(k), _off_diagonal_energy(k)
 
     def _grams(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -592,17 +594,38 @@ def scaled_features(
     ]
 
 
-def check_finite_layers(per_layer: torch.Tensor, names: Sequence[str], batch_index: int) -> None:
-    """Raise for the first layer whose value in ``per_layer`` (a sum over its activations, or
-    its Gram diagonal) is NaN or Inf -- a non-finite activation makes it so."""
+def check_finite_layers(
+    per_layer: torch.Tensor,
+    names: Sequence[str],
+    batch_index: int,
+    features: Sequence[torch.Tensor],
+    exponents: torch.Tensor,
+) -> None:
+    """Raise for the first layer whose value in ``per_layer`` (a sum over its scaled
+    activations, or their Gram diagonal) is NaN or Inf.
+
+    A non-finite activation makes it so -- or finite ``features`` (unscaled) that are so much
+    larger than the first batch's that, scaled by ``2^-exponents``, they leave the float64 range;
+    the message says which.
+    """
     finite = torch.isfinite(per_layer.reshape(len(names), -1)).all(dim=1)
-    if not bool(finite.all()):
-        name = names[int((~finite).nonzero()[0])]
+    if bool(finite.all()):
+        return
+    index = int((~finite).nonzero()[0])
+    name, values = names[index], features[index]
+    if bool(torch.isfinite(values).all()):
+        largest = float(values.abs().max())
         raise NonFiniteActivationError(
-            f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
-            "check the inputs and the model's dtype (float16 overflows easily: load the "
-            "model in float32 or bfloat16)"
+            f"layer '{name}' has activations up to {largest:.3g} in batch {batch_index}, far "
+            f"beyond the scale fixed by the first batch (2^{int(exponents[index])}): their "
+            "squares leave the float64 range; feed batches of comparable magnitude (or call "
+            "reset() and start with such a batch)"
         )
+    raise NonFiniteActivationError(
+        f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
+        "check the inputs and the model's dtype (float16 overflows easily: load the "
+        "model in float32 or bfloat16)"
+    )
 
 
 def layer_names(

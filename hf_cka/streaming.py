@@ -339,7 +339,10 @@ class StreamingLinearCKA:
         feats = validated_features(features, count, side.upper())
         exponents = scale_exponents(feats) if first else getattr(self, f"exponents_{side}")
         scaled = scaled_features(feats, exponents)
-        check_finite_layers(torch.stack([x.sum() for x in scaled]), names, batch_index)
+        # sum_i ||x_i||^4, the highest moment kept: NaN or Inf when any activation is, or when
+        # activations far larger than the first batch's leave the float64 range
+        quartic = torch.stack([x.square().sum(1).square().sum() for x in scaled])
+        check_finite_layers(quartic, names, batch_index, feats, exponents)
         return torch.cat(scaled, dim=1), [f.shape[1] for f in feats], exponents
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor | None) -> None:

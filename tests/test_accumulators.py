@@ -278,3 +278,16 @@ def test_bad_features_are_refused_with_a_typed_error(case, make_bad, error, matc
     assert metric.n_batches == 0
     close(fed(metric, batches_a[1:], batches_b[1:]), fed(case.make(2, 3), batches_a[1:],
           batches_b[1:]), rtol=0)  # fmt: skip
+
+
+def test_a_batch_far_beyond_the_first_batchs_scale_is_named(case):
+    """The scale is fixed by the first batch; a later batch 2^1000 times larger would overflow
+    the float64 states: a typed error says so instead of blaming NaN activations (or, for the
+    RBF kernel, whose Gram diagonal is always 1, instead of a silent NaN)."""
+    batches_a, batches_b = data()
+    metric = fed(case.make(2, 3), batches_a[:1], batches_b[:1])
+    huge = [2.0**1000 * f for f in batches_b[1]]
+    with pytest.raises(NonFiniteActivationError, match=r"'B\[0\]' has activations up to .*e\+30"):
+        metric.update(batches_a[1], huge)
+    assert metric.n_batches == 1
+    close(fed(metric, batches_a[1:], batches_b[1:]), fed(case.make(2, 3), batches_a, batches_b))
