@@ -45,18 +45,8 @@ from typing import Literal
 
 import torch
 
-from .errors import (
-    BatchTooSmallError,
-    EstimatorWarning,
-    InvalidInputError,
-    MemoryBudgetError,
-    ShapeMismatchError,
-)
-from .functional import Kernel
-from .metric import (
-    MinibatchCKA,
+from .accumulation import (
     check_finite_layers,
-    check_sides,
     common_exponents,
     exponent_header,
     layer_names,
@@ -65,6 +55,15 @@ from .metric import (
     scaled_features,
     validated_features,
 )
+from .errors import (
+    BatchTooSmallError,
+    EstimatorWarning,
+    InvalidInputError,
+    MemoryBudgetError,
+    ShapeMismatchError,
+)
+from .functional import Kernel
+from .metric import MinibatchCKA, check_sides
 
 Estimator = Literal["minibatch", "linear", "debiased"]
 ESTIMATORS: tuple[str, ...] = ("minibatch", "linear", "debiased")
@@ -457,7 +456,7 @@ class StreamingLinearCKA:
     def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the states across processes with TWO calls of ``all_reduce_sum``.
 
-        The first sums the scale exponents (see :func:`~hf_cka.metric.exponent_header`) and
+        The first sums the scale exponents (see :func:`~hf_cka.accumulation.exponent_header`) and
         ``[n * shift_a, n * shift_b, n]`` to agree on a common shift (the sample-weighted mean of
         the processes' shifts); every process re-expresses its sums at that shift, and the
         second call sums the flat state buffer. In the rare case where the processes' scale
