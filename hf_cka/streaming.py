@@ -429,7 +429,7 @@ class StreamingLinearCKA:
         device = self._buffer.device
         per_layer, per_column = {}, {}
         for side in ("a", "b"):
-            member, layer_of, _ = self._segments["a" if self.self_similarity else side]
+            layer_of = self._segments["a" if self.self_similarity else side][1]
             per_layer[side] = torch.pow(2.0, old[side] - new[side]).to(device)
             per_column[side] = per_layer[side][layer_of]
         (f_a, f_b), (c_a, c_b) = per_layer.values(), per_column.values()
