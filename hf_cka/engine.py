@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .data import MIN_BATCH
 from .errors import EmptyDataError, InvalidInputError
 from .hooks import FeatureCapture
 from .layers import LayerSpec, resolve_layers
@@ -25,7 +26,6 @@ from .metric import MinibatchCKA, compute_quietly
 from .pooling import check_pooling
 
 Callback = Callable[[int, int, torch.Tensor], None]
-MIN_BATCH = 4
 
 
 def unwrap(model: nn.Module) -> nn.Module:
