@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,34 +20,22 @@ import pytest
 import tiny
 import torch
 from dist_worker import SYNC_BATCH_SIZES, SYNC_DIMS_A, SYNC_DIMS_B, sync_features
+from helpers import free_port, subprocess_env
 
 from hf_cka import MinibatchCKA, cli
 from hf_cka.auto import AutoCKA
 from hf_cka.data import probe_corpus
 from hf_cka.result import CKAResult
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 WORLD = 2
 BATCH = 8
 NULLS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    """The test environment (loopback Hub, temp caches) plus the repo on ``PYTHONPATH``."""
-    path = os.pathsep.join([str(REPO), str(WORKER.parent)])
-    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-
-
 def _run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        command, env=_env(), capture_output=True, text=True, timeout=180, **kwargs
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=180, **kwargs
     )
     assert done.returncode == 0, f"launch failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     return done
@@ -59,7 +45,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     """``torchrun --nproc_per_node 2 ARGS`` on this interpreter (gloo on a CPU-only machine)."""
     return _run([
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args,
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
     ])  # fmt: skip
 
 
@@ -162,7 +148,7 @@ def test_cli_under_accelerate_launch(
         [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
             f"--num_processes={WORLD}", "--num_machines=1", "--mixed_precision=no",
-            "--dynamo_backend=no", f"--main_process_port={_free_port()}",
+            "--dynamo_backend=no", f"--main_process_port={free_port()}",
             "-m", "hf_cka", "compare", *options,
         ],
         cwd=work,

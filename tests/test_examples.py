@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+from helpers import REPO_ROOT, subprocess_env
+
 from hf_cka.result import CKAResult, DriftResult
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -23,16 +23,9 @@ def run_example(
     """``python examples/NAME --offline ARGS`` in ``cwd``; the test environment is inherited.
 
     ``HF_HUB_OFFLINE=1`` (unless ``hub_offline=False``) proves that nothing is downloaded;
-    ``drop`` removes variables. One OpenMP thread keeps tiny models fast on a busy machine.
+    ``drop`` removes variables.
     """
-    env = {key: value for key, value in os.environ.items() if key not in drop}
-    paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
-    env.update(
-        PYTHONPATH=os.pathsep.join(p for p in paths if p),
-        HF_HUB_OFFLINE="1" if hub_offline else "0",
-        OMP_NUM_THREADS="1",
-        MPLBACKEND="Agg",
-    )
+    env = subprocess_env(drop=drop, HF_HUB_OFFLINE="1" if hub_offline else "0", MPLBACKEND="Agg")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--offline", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
