@@ -35,7 +35,6 @@ from .data import MIN_BATCH
 from .errors import HfCkaError, InvalidInputError
 from .functional import Kernel
 from .layers import Part
-from .models import DTYPES, parse_model_spec
 from .options import DEFAULTS, RunOptions
 from .pooling import Pooling
 from .streaming import Estimator
@@ -228,10 +227,9 @@ def _add_loading(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loading")
     group.add_argument(
         "--dtype",
-        choices=[*sorted(DTYPES), "auto"],
         metavar="DTYPE",
-        help="load the weights in this dtype: float32, bfloat16, float16, ... (default: the"
-        " checkpoint's own dtype); CKA is accumulated in float64 whatever it is",
+        help="load the weights in this dtype: float32, bfloat16, float16, float64, auto (default:"
+        " the checkpoint's own dtype); CKA is accumulated in float64 whatever it is",
     )
     group.add_argument(
         "--device", type=_device, help="device to run on, e.g. cpu, cuda, cuda:1, mps"
@@ -585,6 +583,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple[RunOptions, Path | None]:
 
 def _compare(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
+    from .models import parse_model_spec
 
     options, output = _prepare_run(args)
     b_omitted = args.model_b is None

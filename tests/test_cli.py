@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -446,3 +447,27 @@ def test_console_script_errors_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     one_error_line(proc.stderr)
     assert proc.stdout == ""
+
+
+LAZY_IMPORTS = """
+import contextlib, io, json, sys
+import hf_cka, hf_cka.functional
+after_functional = sorted(sys.modules)
+from hf_cka.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main([*command, "--help"]) for command in ([], ["compare"], ["drift"], ["plot"])]
+print(json.dumps({"functional": after_functional, "help": sorted(sys.modules), "codes": codes}))
+"""
+HEAVY = ("matplotlib", "pandas", "pyarrow", "huggingface_hub", "transformers", "datasets")
+
+
+def test_functional_and_help_import_no_heavy_library(tmp_path: Path) -> None:
+    """``import hf_cka.functional`` and ``hf-cka --help`` stay cheap: a fresh interpreter loads
+    none of matplotlib, pandas, pyarrow, huggingface_hub, transformers or datasets for them."""
+    proc = run([sys.executable, "-c", LAZY_IMPORTS], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout)
+    assert loaded["codes"] == [0, 0, 0, 0]
+    for stage in ("functional", "help"):
+        heavy = {name.split(".")[0] for name in loaded[stage]} & set(HEAVY)
+        assert not heavy, f"{stage} imported {sorted(heavy)}"
