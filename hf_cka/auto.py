@@ -68,7 +68,8 @@ class AutoCKA:
         self.model_a = model_a
         self.model_b = model_b if model_b is not None else model_a
         self.same_model = self.model_b is self.model_a
-        self.pooling = check_pooling(pooling)
+        check_pooling(pooling)
+        self.pooling: Pooling = pooling
         self.layers_a = resolve_layers(
             model_a.model, layers_a, model_name=model_a.name, part=part_a
         )

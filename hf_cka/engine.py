@@ -9,7 +9,7 @@ of flattened with their padding, HSIC terms accumulate in float64 and values are
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,9 +23,8 @@ from .errors import EmptyDataError, InvalidInputError
 from .hooks import FeatureCapture
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
+from .options import Callback
 from .pooling import check_pooling
-
-Callback = Callable[[int, int, torch.Tensor], None]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

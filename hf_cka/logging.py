@@ -28,8 +28,8 @@ class MultiProcessAdapter(logging.LoggerAdapter):
             return
         if not main_process_only and distributed.num_processes() > 1:
             msg = f"[process {distributed.process_index()}] {msg}"
-        msg, kwargs = self.process(msg, kwargs)
-        self.logger.log(level, msg, *args, **kwargs)
+        msg, processed = self.process(msg, kwargs)
+        self.logger.log(level, msg, *args, **processed)
 
 
 def get_logger(name: str, extra: Mapping[str, object] | None = None) -> MultiProcessAdapter:
