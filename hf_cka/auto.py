@@ -183,8 +183,8 @@ class AutoCKA:
         if options.pooling != self.pooling:
             raise InvalidInputError(
                 f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
-                f"the options ask for pooling={options.pooling!r}; pass pooling= to "
-                "from_pretrained instead"
+                f"the options ask for pooling={options.pooling!r}; give the options "
+                f"pooling={self.pooling!r}, or from_pretrained pooling={options.pooling!r}"
             )
         (result,) = _compare_all([self.comparison], data, options, self._token)
         return result

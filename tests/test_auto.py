@@ -291,6 +291,8 @@ def test_compare_validates_options_before_any_forward(saved) -> None:
             auto.compare(TEXTS, batchsize=8)  # type: ignore[call-arg]
         with pytest.raises(InvalidInputError, match="pooling='mean'.*from_pretrained"):
             auto.compare(TEXTS, pooling="max")
+        with pytest.raises(InvalidInputError, match="give the options pooling='mean'"):
+            auto.compare(TEXTS, RunOptions(pooling="max"))
     finally:
         for handle in handles:
             handle.remove()
