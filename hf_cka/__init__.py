@@ -50,14 +50,17 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """Import an exported name's module on first access (PEP 562)."""
-    if name == "functional":
-        return importlib.import_module(".functional", __name__)
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hf_cka' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+    """Import an exported name's module, or a submodule (``hf_cka.cli``), on first access."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise  # the submodule exists but one of its own imports is missing
+        raise AttributeError(f"module 'hf_cka' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

@@ -35,7 +35,13 @@ def test_public_exports() -> None:
 
     assert hf_cka.AutoCKA is AutoCKA
     assert (hf_cka.CKAResult, hf_cka.DriftResult) == (CKAResult, DriftResult)
-    assert {"AutoCKA", "CKAResult", "DriftResult"} <= set(hf_cka.__all__)
+    assert {"AutoCKA", "CKAResult", "DriftResult", "RunOptions"} <= set(hf_cka.__all__)
+    for name in hf_cka.__all__:  # every lazy export resolves
+        assert getattr(hf_cka, name) is not None, name
+    assert set(hf_cka.__all__) <= set(dir(hf_cka))
+    assert hf_cka.cli.PROG == "hf-cka"  # submodules resolve as attributes too
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hf_cka.nope  # noqa: B018
 
 
 # ---------------------------------------------------------------------- padding invariance
