@@ -1,6 +1,6 @@
 """CKA on several GPUs: data parallel with ``accelerate launch``, or one big model per GPU set.
 
-    accelerate launch --num_processes 4 examples/multi_gpu.py   # 4 processes, one GPU each
+    accelerate launch --multi_gpu --num_processes 4 examples/multi_gpu.py   # 4 processes
     python examples/multi_gpu.py --device-map auto              # 1 process, models split
     python examples/multi_gpu.py --offline                      # tiny local models, 1 process
 
