@@ -573,7 +573,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple[RunOptions, Path | None]:
     options = _run_options(args)
     if args.private and not args.push_to_hub:
         raise InvalidInputError("--private only applies with --push-to-hub REPO_ID")
-    output = None if args.output is None else check_output_folder(args.output)
+    output = None if args.output is None else _check_output_folder(args.output)
     if output is None:
         _check_writable(Path.cwd(), "the default output ./cka-results/<run id>/")
     if not options.progress or not distributed.is_main_process():
@@ -697,7 +697,7 @@ def _render(result: Any, dpi: int = DPI, **options: Any) -> bytes:
         plt.close(fig)
 
 
-def check_output_folder(text: str) -> Path:
+def _check_output_folder(text: str) -> Path:
     """``--output`` as a folder a result can be saved to, checked before any model is loaded.
 
     Raises:
