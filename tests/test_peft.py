@@ -142,3 +142,19 @@ def test_missing_peft_names_the_extra(setup, monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_peft)
     with pytest.raises(MissingDependencyError, match=r"hf_cka\[peft\]"):
         ModelLoader().load(str(adapter))
+
+
+def test_pickle_only_adapter_is_refused_and_never_unpickled(setup, tmp_path: Path) -> None:
+    """An adapter saved only as ``adapter_model.bin`` is refused before peft could unpickle it."""
+    import shutil
+
+    from hf_cka.errors import UnsafeWeightsError
+
+    _, _, adapter = setup
+    pickled = Path(shutil.copytree(adapter, tmp_path / "pickled"))
+    (pickled / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (pickled / "adapter_model.bin").write_bytes(tiny.code_running_pickle(marker))
+    with pytest.raises(UnsafeWeightsError, match=r"only as pickles \(adapter_model\.bin\)"):
+        ModelLoader().load(str(pickled))
+    assert not marker.exists()

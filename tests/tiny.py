@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pickle
 import random
 from pathlib import Path
 
@@ -194,3 +195,18 @@ def save(kind: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+class _CreatesFile:
+    """Unpickling this object creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def code_running_pickle(marker: Path) -> bytes:
+    """A pickle whose loading runs code (it creates ``marker``): proof that a file was unpickled."""
+    return pickle.dumps(_CreatesFile(marker))
