@@ -66,6 +66,11 @@ def load_samples(
         info["dataset"] = "hf_cka/probe_corpus"
         samples: Iterable[Any] = probe_corpus()
     elif isinstance(data, (str, os.PathLike)):
+        if not os.fspath(data).strip():
+            raise InvalidInputError(
+                "expected data as a file or folder path, a Hub dataset id or a list of texts, "
+                "got an empty string"
+            )
         dataset, info = _load_dataset(os.fspath(data), dataset_config, split, token)
         samples = _column(dataset, text_column, modality)
         info["text_column"] = samples.column_name
@@ -78,9 +83,10 @@ def load_samples(
         info["dataset"] = "in-memory list"
         samples = data
     else:
+        splits = f": pick one split, e.g. data=data[{next(iter(data))!r}]" if _is_dict(data) else ""
         raise InvalidInputError(
             f"expected data as None, a list of strings, a datasets.Dataset, a file/folder path "
-            f"or a Hub dataset id, got {type(data).__name__}"
+            f"or a Hub dataset id, got {type(data).__name__}{splits}"
         )
     try:
         size: int | None = len(samples)  # type: ignore[arg-type]
@@ -97,6 +103,13 @@ def _is_dataset(data: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is a dependency
         return False
     return isinstance(data, (Dataset, IterableDataset))
+
+
+def _is_dict(data: Any) -> bool:
+    """Whether ``data`` is a non-empty ``datasets.DatasetDict`` (or its iterable twin)."""
+    from datasets import DatasetDict, IterableDatasetDict
+
+    return isinstance(data, (DatasetDict, IterableDatasetDict)) and len(data) > 0
 
 
 def _load_dataset(

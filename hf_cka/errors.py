@@ -147,3 +147,8 @@ def suggest_paths(path: str, folders_only: bool = False) -> str:
         return ""
     shown = [f"'{os.path.join(parent or os.curdir, m)}'" for m in matches]
     return f" Did you mean {' or '.join(shown)}?"
+
+
+class ModelFormatError(HfCkaError, ValueError):
+    """A model's files were found but do not describe a model transformers can build (e.g. a
+    ``config.json`` without ``model_type``)."""

@@ -25,6 +25,7 @@ from .errors import (
     DeviceNotAvailableError,
     InvalidInputError,
     MissingDependencyError,
+    ModelFormatError,
     ModelNotFoundError,
     RemoteCodeError,
     UnsafeWeightsError,
@@ -34,6 +35,7 @@ from .errors import (
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 PICKLE_WEIGHTS = re.compile(r"(pytorch_model.*\.bin(\.index\.json)?|adapter_model\.bin)")
 
 DTYPES = {
@@ -169,6 +171,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         ) from err
     if resolved.type == "cpu":
         return resolved
+    if resolved.type == "meta":
+        raise DeviceNotAvailableError(
+            "device 'meta' holds no data, so a model on it cannot compute features; pass a real "
+            "device such as 'cpu' or 'cuda'"
+        )
     try:  # a zero-size allocation is the one check every backend (cuda, mps, xpu...) answers
         torch.empty(0, device=resolved)
     except (RuntimeError, AssertionError) as err:  # torch asserts when built without CUDA
@@ -177,6 +184,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
             f"an available device (e.g. 'cpu'{_visible_gpus()}), or no device to stay on the CPU"
         ) from err
     return resolved
+
+
+def check_device_map(device_map: str | dict | None) -> str | dict | None:
+    """``device_map`` unchanged when it is a placement strategy, a device that exists on this
+    machine, or a dict (checked by accelerate); else :class:`DeviceNotAvailableError`."""
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if not isinstance(device_map, str):
+        raise DeviceNotAvailableError(
+            f"expected device_map as one of {DEVICE_MAP_STRATEGIES}, a device or a dict, got "
+            f"{type(device_map).__name__}"
+        )
+    try:
+        resolve_device(device_map)
+    except DeviceNotAvailableError as err:
+        raise DeviceNotAvailableError(
+            f"expected device_map in {DEVICE_MAP_STRATEGIES} or an available device, got "
+            f"{device_map!r}: {str(err).split(';')[0]}"
+        ) from err
+    return device_map
 
 
 def _visible_gpus() -> str:
@@ -198,8 +225,8 @@ def resolve_commit(
 ) -> tuple[str | None, set[str]]:
     """Commit sha of ``revision`` of ``name`` and the repo's file names.
 
-    A local folder has no sha (``None``) and lists its own files; so does a Hub model read
-    from the local cache when the Hub cannot be reached (the files of the cached snapshot).
+    A local folder has no sha (``None``) and lists its own files. When the Hub cannot be
+    reached, a cached model gives the sha and the files of its cached snapshot.
 
     Raises:
         ModelNotFoundError: ``name`` is neither a local folder nor a reachable (or cached) Hub
@@ -222,6 +249,11 @@ def resolve_commit(
     )
     from huggingface_hub.utils import validate_repo_id
 
+    if os.path.exists(name):
+        raise ModelNotFoundError(
+            f"'{name}' is a file; expected a model folder (holding config.json and the weights) "
+            "or a Hub repo id: pass the folder that holds it"
+        )
     missing = f"no local folder '{name}' (looked for {os.path.abspath(name)})"
     try:
         validate_repo_id(name)
@@ -253,13 +285,14 @@ def resolve_commit(
                 f"a model repo '{name}', which is not in the local cache either; check the path, "
                 f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}"
             ) from err
+        commit = os.path.basename(snapshot)  # the cache names each snapshot by its commit sha
         warnings.warn(
             f"could not reach the Hub to resolve '{name}' ({type(err).__name__}); loading it "
-            "from the local cache, without a commit sha in the provenance",
+            f"from the local cache, at the cached commit {commit}",
             UserWarning,
             stacklevel=3,
         )
-        return None, set(os.listdir(snapshot))
+        return commit, set(os.listdir(snapshot))
     return info.sha, {sibling.rfilename for sibling in info.siblings or []}
 
 
@@ -341,7 +374,7 @@ class ModelLoader:
         self.dtype = resolve_dtype(dtype)
         if device is None and device_map is None:  # under a launcher: this process's own GPU
             device = distributed.local_device()
-        self.device, self.device_map = resolve_device(device), device_map
+        self.device, self.device_map = resolve_device(device), check_device_map(device_map)
         self.trust_remote_code, self.token = trust_remote_code, token
         self._loaded: dict[tuple[str, str | None], LoadedModel] = {}
 
@@ -387,8 +420,16 @@ class ModelLoader:
                     "asked: review the repo, then pass trust_remote_code=True "
                     "(--trust-remote-code)"
                 ) from err
-            raise
+            raise ModelFormatError(
+                f"could not build a model from '{name}' ({_first_line(err)}); expected a "
+                "config.json written by save_pretrained, for an architecture transformers knows"
+            ) from err
         except (OSError, *NETWORK_ERRORS) as err:
+            if os.path.isdir(name):
+                raise ModelNotFoundError(
+                    f"could not load the model folder '{name}' ({_first_line(err)}); check its "
+                    "config.json and weights, or save the model again"
+                ) from err
             raise ModelNotFoundError(
                 f"could not load model '{name}' ({err}); check the id, your network or "
                 "HF_HUB_OFFLINE, and that the model is in the local cache when offline"

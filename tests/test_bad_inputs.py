@@ -28,6 +28,7 @@ from hf_cka.errors import (
     DeviceNotAvailableError,
     EmptyDataError,
     InvalidInputError,
+    ModelFormatError,
     ModelNotFoundError,
     SplitNotFoundError,
     UnsafeWeightsError,
@@ -102,6 +103,27 @@ def test_a_folder_that_is_not_a_model_names_the_missing_config(tmp_path: Path) -
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelNotFoundError, match=r"holds no config\.json"):
         load_no_warnings(str(tmp_path))
+
+
+def test_a_broken_config_is_blamed_on_the_folder(saved, tmp_path: Path) -> None:
+    folder = copy_model(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config)[:40])
+    with pytest.raises(ModelNotFoundError, match="could not load the model folder") as err:
+        load_no_warnings(str(folder))
+    assert "network" not in str(err.value)
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="model_type") as err:
+        load_no_warnings(str(folder))
+    assert isinstance(err.value, ValueError)
+
+
+def test_a_weights_file_given_as_the_model_names_the_folder(saved, hub) -> None:
+    seen = len(hub.requests)
+    with pytest.raises(ModelNotFoundError, match="is a file; expected a model folder"):
+        load_no_warnings(str(Path(saved("bert"), "model.safetensors")))
+    assert len(hub.requests) == seen
 
 
 # ------------------------------------------------------------------------- paths and revisions
@@ -191,6 +213,19 @@ def test_bad_device_fails_before_any_weights_are_read(saved, tmp_path, device, m
 
 
 @pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"device": "meta"}, "'meta' holds no data"),
+        ({"device_map": "bogus"}, "expected device_map in .* got 'bogus'"),
+        ({"device_map": unavailable_cuda()}, "is not available"),
+    ],
+)
+def test_meta_device_and_bad_device_map_are_refused(options, match: str) -> None:
+    with pytest.raises(DeviceNotAvailableError, match=match):
+        ModelLoader(**options)
+
+
+@pytest.mark.parametrize(
     "dtype", [torch.int8, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn]
 )
 def test_non_floating_dtype_is_invalid_input(saved, dtype: torch.dtype) -> None:
@@ -237,6 +272,16 @@ def test_malformed_data_file_names_the_file(tmp_path: Path, suffix: str) -> None
     with pytest.raises(DataFormatError, match=f"could not read '{path}'") as err:
         samples(str(path))
     assert isinstance(err.value, ValueError) and f"valid .{suffix} file" in str(err.value)
+
+
+def test_an_empty_string_or_a_dataset_dict_as_data() -> None:
+    with pytest.raises(InvalidInputError, match="got an empty string"):
+        samples(" ")
+    splits = datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a b"]})})
+    with pytest.raises(
+        InvalidInputError, match=r"got DatasetDict: pick one split, e\.g\. data=data\['test'\]"
+    ):
+        samples(splits)
 
 
 def test_a_split_or_config_of_a_single_file_is_refused(tmp_path: Path) -> None:
