@@ -130,8 +130,9 @@ def check_revision(revision: str | None, spec: str) -> None:
     if revision is None or (isinstance(revision, str) and revision.strip()):
         return
     raise InvalidInputError(
-        f"a revision may not be empty: got revision {revision!r} for '{spec}'; pass a branch, "
-        "tag or commit sha (e.g. 'org/model@main'), or no revision for the default branch"
+        f"a revision may not be empty: expected a branch, tag or commit sha (a string), got "
+        f"revision {revision!r} for '{spec}'; write e.g. 'org/model@main', or give no revision "
+        "for the default branch"
     )
 
 
@@ -421,8 +422,8 @@ class ModelLoader:
                     "(--trust-remote-code)"
                 ) from err
             raise ModelFormatError(
-                f"could not build a model from '{name}' ({_first_line(err)}); expected a "
-                "config.json written by save_pretrained, for an architecture transformers knows"
+                f"transformers could not build a model from '{name}' ({_first_line(err)}); "
+                "check its config.json (model_type, architectures) and the dtype/device_map given"
             ) from err
         except (OSError, *NETWORK_ERRORS) as err:
             if os.path.isdir(name):
