@@ -154,7 +154,7 @@ def _load_dataset(
             f"no data file or folder '{source}' (looked for {os.path.abspath(source)}), and the "
             f"Hub could not be reached ({type(err).__name__}) to load a dataset '{source}', "
             f"which is not in the local cache either; check the path, or your network and "
-            f"HF_DATASETS_OFFLINE.{suggest_paths(source)}"
+            f"HF_HUB_OFFLINE.{suggest_paths(source)}"
         ) from err
     except ValueError as err:  # datasets says "Unknown split" / "BuilderConfig not found"
         raise _part_error(source, config, split, token, err) from err

@@ -317,6 +317,26 @@ def test_a_missing_data_file_says_it_is_missing(hub, tmp_path: Path, monkeypatch
     assert len(hub.requests) == seen
 
 
+def test_a_misspelled_data_folder_offline_says_what_is_missing(tmp_path: Path) -> None:
+    """Offline, a name that is no local path and no cached dataset names both, and suggests the
+    close local folder."""
+    (tmp_path / "corpus").mkdir()
+    script = (
+        "from hf_cka.data import load_samples\n"
+        "from hf_cka.errors import DataNotFoundError\n"
+        "try:\n    load_samples('corpse')\n"
+        "except DataNotFoundError as err:\n    print('ERROR', err)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ERROR no data file or folder 'corpse'"), done.stdout
+    assert "the Hub could not be reached" in done.stdout
+    assert done.stdout.rstrip().endswith("Did you mean './corpus'?"), done.stdout
+
+
 def test_an_unknown_hub_dataset_and_an_empty_folder(hub, tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="no dataset '.*/no-such-data' on the Hub"):
         samples(f"{hub.user}/no-such-data")
