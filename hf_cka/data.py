@@ -59,8 +59,16 @@ def load_samples(
     ``datasets.Dataset``/``IterableDataset``, a local csv/tsv/json/jsonl/parquet/txt file or a
     folder, or a Hub dataset id (with ``dataset_config`` and ``split``, default ``"train"``).
     """
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
         raise InvalidInputError(f"expected num_samples >= 1 or None, got {num_samples!r}")
+    if not isinstance(data, (str, os.PathLike)) and (split, dataset_config) != (None, None):
+        raise InvalidInputError(
+            f"split and dataset_config choose part of a data file, folder or Hub dataset, got "
+            f"split={split!r} and dataset_config={dataset_config!r} with data of type "
+            f"{type(data).__name__}; drop them, or pick the split yourself (e.g. ds['test'])"
+        )
     info: dict[str, Any] = {"dataset": None, "dataset_config": None, "split": None}
     if data is None:
         info["dataset"] = "hf_cka/probe_corpus"

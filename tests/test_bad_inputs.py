@@ -284,6 +284,16 @@ def test_an_empty_string_or_a_dataset_dict_as_data() -> None:
         samples(splits)
 
 
+def test_split_or_config_with_in_memory_data_and_a_bool_cap_are_refused() -> None:
+    texts = tiny.varied_texts(8)
+    with pytest.raises(InvalidInputError, match="split='test' and dataset_config=None"):
+        samples(texts, split="test")
+    with pytest.raises(InvalidInputError, match="with data of type Dataset"):
+        samples(datasets.Dataset.from_dict({"text": texts}), dataset_config="short")
+    with pytest.raises(InvalidInputError, match="num_samples >= 1 or None, got True"):
+        samples(texts, num_samples=True)
+
+
 def test_a_split_or_config_of_a_single_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     pd.DataFrame({"text": ["a b", "c d", "e f", "g h"]}).to_csv(path, index=False)
