@@ -141,8 +141,7 @@ def _load_dataset(
             "dataset_config": None,
             "split": "train",
         }
-    is_folder = os.path.isdir(source)
-    if not is_folder:
+    if not os.path.isdir(source):
         _check_hub_dataset_id(source)
     try:
         loaded = datasets.load_dataset(source, config, split=split, token=token)
@@ -218,28 +217,23 @@ def _check_hub_dataset_id(source: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    looks_like_file = os.path.splitext(source)[1].lower() in FILE_BUILDERS
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        pass
-    else:
-        if not looks_like_file:
-            return
     where = f"(looked for {os.path.abspath(source)})"
-    if looks_like_file:
+    if os.path.splitext(source)[1].lower() in FILE_BUILDERS:
         raise DataNotFoundError(
             f"the data file '{source}' does not exist {where}; check the path."
             f"{suggest_paths(source)}"
         )
-    if os.sep in source or "/" in source:
-        advice = f"check the path.{suggest_paths(source)}"
-    else:
-        advice = f"to compare on your own texts pass them as a list: data=[{source!r}, ...]"
-    raise DataNotFoundError(
-        f"data {source!r} is neither an existing file or folder {where} nor a Hub dataset id; "
-        f"{advice}"
-    )
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        if os.sep in source or "/" in source:
+            advice = f"check the path.{suggest_paths(source)}"
+        else:
+            advice = f"to compare on your own texts pass them as a list: data=[{source!r}, ...]"
+        raise DataNotFoundError(
+            f"data {source!r} is neither an existing file or folder {where} nor a Hub dataset "
+            f"id; {advice}"
+        ) from err
 
 
 def _part_error(
