@@ -99,6 +99,21 @@ def test_pickle_only_hub_repo_is_refused_before_download(hub, saved, tmp_path: P
     assert not marker.exists()
 
 
+def test_a_damaged_cached_hub_download_is_a_weights_file_error(hub) -> None:
+    """A Hub model whose cached ``model.safetensors`` was cut short fails at load, typed."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = f"{hub.user}/cka-damaged-cache"
+    model, tokenizer = tiny.build("bert")
+    model.push_to_hub(repo)
+    tokenizer.push_to_hub(repo)
+    sha = AutoCKA.from_pretrained(repo).model_a.commit_sha  # fills the cache
+    blob = Path(try_to_load_from_cache(repo, "model.safetensors", revision=sha)).resolve()
+    blob.write_bytes(blob.read_bytes()[:-100])
+    with pytest.raises(WeightsFileError, match=f"weights of model '{repo}' are damaged"):
+        AutoCKA.from_pretrained(repo)
+
+
 def test_a_folder_that_is_not_a_model_names_the_missing_config(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelNotFoundError, match=r"holds no config\.json"):
