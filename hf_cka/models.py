@@ -452,13 +452,25 @@ class ModelLoader:
                 f"'{name}' is a PEFT adapter; loading it needs the peft library: "
                 "pip install 'hf_cka[peft]'"
             ) from err
-        config = PeftConfig.from_pretrained(name, revision=commit or revision, token=self.token)
+        try:
+            config = PeftConfig.from_pretrained(name, revision=commit or revision, token=self.token)
+        except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            raise ModelFormatError(
+                f"the {ADAPTER_CONFIG} of adapter '{name}' is unreadable ({_first_line(err)}); "
+                "expected the file peft's save_pretrained writes: save the adapter again"
+            ) from err
         if not config.base_model_name_or_path:
             raise ModelNotFoundError(
                 f"adapter '{name}' does not name its base model (base_model_name_or_path in "
                 f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly"
             )
-        base = self.load(config.base_model_name_or_path, config.revision)
+        try:
+            base = self.load(config.base_model_name_or_path, config.revision)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(
+                f"adapter '{name}' names the base model '{config.base_model_name_or_path}' "
+                f"(base_model_name_or_path in its {ADAPTER_CONFIG}), which was not found: {err}"
+            ) from err
         adapter_name = f"adapter_{len([m for m in self._loaded.values() if m.base is base])}"
         source = {"revision": commit or revision, "token": self.token}
         if base.peft is None:
