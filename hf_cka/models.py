@@ -35,6 +35,7 @@ from .errors import (
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
+CONFIG_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)  # one of them marks a saved model or adapter
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 PICKLE_WEIGHTS = re.compile(r"(pytorch_model.*\.bin(\.index\.json)?|adapter_model\.bin)")
 
@@ -278,7 +279,7 @@ def resolve_commit(
             f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
         ) from err
     except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
-        cached = [try_to_load_from_cache(name, f, revision=revision) for f in _CONFIGS]
+        cached = [try_to_load_from_cache(name, f, revision=revision) for f in CONFIG_FILES]
         snapshot = next((os.path.dirname(c) for c in cached if isinstance(c, str)), None)
         if snapshot is None:
             raise ModelNotFoundError(
@@ -297,9 +298,6 @@ def resolve_commit(
     return info.sha, {sibling.rfilename for sibling in info.siblings or []}
 
 
-_CONFIGS = (MODEL_CONFIG, ADAPTER_CONFIG)
-
-
 def check_model_files(name: str, files: set[str], local: bool) -> None:
     """Refuse, before any weights are read, a model whose files cannot be loaded safely.
 
@@ -310,7 +308,7 @@ def check_model_files(name: str, files: set[str], local: bool) -> None:
     """
     top = {f for f in files if "/" not in f}
     where = "folder" if local else "model repo"
-    if not top & set(_CONFIGS):
+    if not top & set(CONFIG_FILES):
         raise ModelNotFoundError(
             f"the {where} '{name}' holds no {MODEL_CONFIG}, so it is not a saved model; expected "
             "a folder written by model.save_pretrained(folder) (or a model repo id)"
