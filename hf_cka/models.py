@@ -244,6 +244,7 @@ def resolve_commit(
         return None, set(os.listdir(name))
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import (
+        GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
         RepositoryNotFoundError,
@@ -271,12 +272,20 @@ def resolve_commit(
             f"revision {revision!r} not found in model repo '{name}'; pass an existing branch, "
             "tag or commit sha"
         ) from err
-    except (RepositoryNotFoundError, HfHubHTTPError) as err:
-        if not isinstance(err, RepositoryNotFoundError) and _status(err) != 404:
-            raise
+    except GatedRepoError as err:
         raise ModelNotFoundError(
-            f"{missing} and no model repo '{name}' on the Hub (or it is private: pass "
-            f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
+            f"model repo '{name}' is gated: accept its conditions on its Hub page, then pass "
+            "token=... (--token) of the account that accepted them"
+        ) from err
+    except (RepositoryNotFoundError, HfHubHTTPError) as err:
+        if isinstance(err, RepositoryNotFoundError) or _status(err) == 404:
+            raise ModelNotFoundError(
+                f"{missing} and no model repo '{name}' on the Hub (or it is private: pass "
+                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
+            ) from err
+        raise ModelNotFoundError(
+            f"the Hub answered HTTP {_status(err)} when looking up model repo '{name}' "
+            f"({_first_line(err)}); check token=... for a private repo, or retry later"
         ) from err
     except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
         cached = [try_to_load_from_cache(name, f, revision=revision) for f in CONFIG_FILES]

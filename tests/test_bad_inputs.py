@@ -187,6 +187,12 @@ def test_misspelled_local_folder_names_what_is_missing_and_suggests(
     assert message.endswith("Did you mean './minilm'?")
 
 
+def test_a_hub_server_error_on_lookup_is_typed(hub) -> None:
+    hub.fail_next(1, status=500, match="/api/models/")
+    with pytest.raises(ModelNotFoundError, match="the Hub answered HTTP 500 .* 'org/any'"):
+        load_no_warnings("org/any")
+
+
 def test_misspelled_local_folder_offline_is_one_error_without_a_warning(tmp_path: Path) -> None:
     """Offline (the Hub unreachable), a name that is neither local nor cached fails at once:
     no Python warning, no download retries, and the close local folder is suggested."""
