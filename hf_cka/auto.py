@@ -66,8 +66,9 @@ class AutoCKA:
         token: str | bool | None = None,
     ) -> None:
         _check_some_layers(layers_a=layers_a, layers_b=layers_b)
-        self.model_a = model_a
-        self.model_b = model_b if model_b is not None else model_a
+        # part "vision"/"text" of a two-tower model (CLIP): that tower alone, on its processor
+        self.model_a = model_a.tower(part_a)
+        self.model_b = (model_b if model_b is not None else model_a).tower(part_b)
         self.same_model = self.model_b is self.model_a
         check_pooling(pooling)
         self.pooling: Pooling = pooling
@@ -110,7 +111,12 @@ class AutoCKA:
 
         ``model_b=None`` -- or the same id and revision as ``model_a`` -- compares a model with
         itself: it is loaded once and runs one forward pass per batch. Either id may be
-        ``"repo@revision"``. A PEFT adapter (a repo or folder with ``adapter_config.json``) is put
+        ``"repo@revision"``. ``part_a``/``part_b`` pick a part of a model: ``"decoder"`` blocks of
+        an encoder-decoder model, or one tower of a CLIP-style model (``"vision"``/``"text"``),
+        which then runs alone on its part of the processor -- ``model_b=None`` with
+        ``part_a="vision", part_b="text"`` compares a CLIP's image tower with its own text
+        tower (on paired data: ``compare(data, column_a="image", column_b="caption")``). A PEFT
+        adapter (a repo or folder with ``adapter_config.json``) is put
         on its base model; a lone adapter is compared with its base, with one copy of the
         weights. ``dtype=None`` keeps the checkpoint's dtype; accumulation is float64 whatever.
 
@@ -161,24 +167,35 @@ class AutoCKA:
     def compare(
         self, data: Any = None, options: RunOptions | None = None, **changes: Unpack[RunChanges]
     ) -> CKAResult:
-        """Minibatch CKA of every layer pair over ``data``; returns a ``CKAResult``.
+        """CKA (or another ``measure``) of every layer pair over ``data``; a ``CKAResult``.
 
         Args:
-            data: ``None`` (built-in probe corpus), a list of strings (or images), a
-                ``datasets.Dataset``/``IterableDataset``, a local data file or folder, or a Hub
-                dataset id.
+            data: ``None`` (built-in probe corpus), a list of strings (or images, or audio
+                arrays), a ``datasets.Dataset``/``IterableDataset``, a local data file or
+                folder, or a Hub dataset id. With ``column_a``/``column_b`` model A reads one
+                column and model B another of the same rows (images and their captions).
             options: a :class:`~hf_cka.options.RunOptions` (default: the defaults, with this
                 object's ``pooling``).
             **changes: any :class:`~hf_cka.options.RunOptions` field by name, applied over
                 ``options``: ``batch_size`` (>= 4), ``max_length``, ``num_samples``,
-                ``text_column``, ``dataset_config``, ``split``, ``callback``, ``progress``,
-                ``sort_by_length``, ``chunk_batches``, ``kernel``, ``threshold``, ``estimator``,
-                ``max_bytes``, ``null_permutations``, ``seed``, ``target_stderr``,
-                ``checkpoint_dir``, ``checkpoint_every`` (each documented there).
+                ``text_column``, ``column_a``, ``column_b``, ``dataset_config``, ``split``,
+                ``callback``, ``progress``, ``sort_by_length``, ``chunk_batches``, ``kernel``,
+                ``threshold``, ``estimator``, ``max_bytes``, ``measure``, ``measure_params``,
+                ``null_permutations``, ``seed``, ``target_stderr``, ``checkpoint_dir``,
+                ``checkpoint_every`` (each documented there).
+
+        A ``measure`` other than ``"cka"`` (``"mutual_knn"``, ``"procrustes"``, ``"svcca"``,
+        ``"pwcca"``, ``"rsa"``; see :mod:`hf_cka.measures`) holds the pooled features of every
+        layer and is computed once at the end; the result has no ``stderr`` (the measures have
+        no per-batch estimate), and its metadata records ``measure`` and ``measure_params``.
 
         Raises:
             InvalidInputError: an option of the wrong type or value, or a ``pooling`` other than
                 the one this object was built with.
+            ColumnNotFoundError: a ``column_a``/``column_b`` the data does not have.
+            ColumnTypeError: a column its model cannot read (images into a text model).
+            FullDataMemoryError: a full-data measure whose features would exceed ``max_bytes``
+                (checked before any forward pass when the data size is known).
         """
         options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
         if options.pooling != self.pooling:
@@ -357,7 +374,7 @@ def _compare_all(
             **comparison.model_b.provenance("b"),
             "dtype": _dtype_label(comparison),
             "pooling": options.pooling,
-            "estimator": ESTIMATOR_LABELS[options.estimator],
+            "estimator": ESTIMATOR_LABELS[options.estimator] if options.measure == "cka" else None,
             **{k: v for k, v in outcome.data_info.items() if k != "size"},
             "n_samples": metric.n_samples,
             "n_batches": metric.n_batches,

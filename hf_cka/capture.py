@@ -15,7 +15,7 @@ Everything that runs a model and captures its activations lives here, for the se
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -205,10 +205,20 @@ class FeatureCapture:
 
 
 def forward_features(
-    model: nn.Module, capture: FeatureCapture, batch: Any
+    model: nn.Module,
+    capture: FeatureCapture,
+    batch: Any,
+    hidden_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``batch`` under ``inference_mode``; pooled features by layer spec."""
+    """Run ``model`` on ``batch`` under ``inference_mode``; pooled features by layer spec.
+
+    ``hidden_mask`` maps the batch's attention mask (when it holds padding) to the mask of the
+    hidden states, for models whose hidden states are not one per input position (wav2vec2's
+    frames are a convolution of the waveform's samples).
+    """
     args, kwargs, mask = model_inputs(batch, input_device(model))
+    if mask is not None and hidden_mask is not None:
+        mask = hidden_mask(mask)
     capture.attention_mask, capture.active = mask, True
     try:
         with torch.inference_mode():
@@ -222,10 +232,34 @@ def forward_features(
 
 
 class Extractor:
-    """Pooled features of one model for chunks of CKA batches (hooks live in ``with``)."""
+    """Pooled features of one model for chunks of CKA batches (hooks live in ``with``).
 
-    def __init__(self, loaded: LoadedModel, layers: Sequence[str], pooling: str) -> None:
+    Which module runs: the tower of a two-tower model (``loaded.tower_path``: CLIP's
+    ``vision_model`` on pixel values, or ``text_model`` on token ids), the encoder of an
+    encoder-decoder model (T5; Whisper on its feature extractor's log-mel features) unless a
+    decoder layer is selected, else the whole model. Audio waveforms (wav2vec2) are padded by
+    the feature extractor, and when it gives an attention mask, pooling counts only the frames
+    the model's convolutions draw from real samples. Whisper's feature extractor pads every clip
+    to its fixed window (30 s in released models) and gives no mask, so the pooled features are
+    over every frame of the window, the padding's included, as the encoder sees them.
+
+    Args:
+        loaded: the model (or one of its towers, :meth:`~hf_cka.models.LoadedModel.tower`).
+        layers: layer specs to capture.
+        pooling: see :mod:`hf_cka.pooling`.
+        column: with paired data, the column of each sample (a row dict) this model reads;
+            ``None``: the sample itself.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layers: Sequence[str],
+        pooling: str,
+        column: str | None = None,
+    ) -> None:
         self.loaded, self.layers, self.pooling = loaded, list(dict.fromkeys(layers)), pooling
+        self.column = column
         model = loaded.model
         self.use_decoder = bool(getattr(model.config, "is_encoder_decoder", False)) and any(
             split_spec(spec)[0].split(".")[0] == "decoder" for spec in self.layers
@@ -234,6 +268,13 @@ class Extractor:
         # get_encoder is a PreTrainedModel method; nn.Module's __getattr__ types it as a Tensor
         get_encoder = model.get_encoder if is_enc_dec and not self.use_decoder else None
         self.forward_module: nn.Module = model if get_encoder is None else get_encoder()  # type: ignore[operator]
+        if loaded.tower_path is not None:
+            self.forward_module = model.get_submodule(loaded.tower_path)
+        # wav2vec2-style models map a waveform mask to a frame mask (a transformers method)
+        frame_mask = getattr(model, "_get_feature_vector_attention_mask", None)
+        self.hidden_mask = (
+            (lambda mask: frame_mask(self._frames(mask), mask)) if callable(frame_mask) else None
+        )
         # pooled rows gather on the input device: CKA math runs there, only sums go to the CPU
         self.capture = FeatureCapture(model, self.layers, pooling, device=input_device(model))
 
@@ -249,7 +290,15 @@ class Extractor:
         for module, training in self._modes.items():
             module.training = training
 
+    def _frames(self, mask: torch.Tensor) -> int:
+        """Number of hidden-state frames of a padded waveform batch (``mask``'s width)."""
+        lengths = self.loaded.model._get_feat_extract_output_lengths(mask.shape[1])  # type: ignore[operator]
+        return int(lengths)
+
     def encode(self, samples: Sequence[Any], max_length: int | None) -> Any:
+        """Encodings of ``samples`` (of this extractor's column of each row, if it has one)."""
+        if self.column is not None:
+            samples = [sample[self.column] for sample in samples]
         return encode(self.loaded.processor, samples, self.loaded.modality, max_length)
 
     def _forward(self, encodings: Any, indices: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -258,7 +307,7 @@ class Extractor:
             batch["decoder_input_ids"] = batch["input_ids"]
             batch["decoder_attention_mask"] = batch["attention_mask"]
         with self.loaded.forward_context():
-            return forward_features(self.forward_module, self.capture, batch)
+            return forward_features(self.forward_module, self.capture, batch, self.hidden_mask)
 
     def chunk_features(
         self, encodings: Any, sizes: Sequence[int], batch_size: int, sort: bool

@@ -205,11 +205,13 @@ def load_checkpoint(
 
 
 def batch_digest(batch: Sequence[Any]) -> bytes:
-    """sha256 of a batch's samples (texts, or the bytes of images and tensors)."""
+    """sha256 of a batch's samples (texts, the bytes of images and tensors, rows of columns)."""
     hasher = hashlib.sha256()
     for sample in batch:
         if isinstance(sample, str):
             data = sample.encode("utf-8")
+        elif isinstance(sample, Mapping):  # a row of paired columns (or a decoded audio dict)
+            data = batch_digest([*map(str, sample), *sample.values()])
         elif isinstance(sample, torch.Tensor):
             data = sample.detach().cpu().numpy().tobytes()
         elif callable(getattr(sample, "tobytes", None)):  # PIL images, numpy arrays

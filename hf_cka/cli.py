@@ -35,6 +35,7 @@ from .data import MIN_BATCH
 from .errors import HfCkaError, InvalidInputError
 from .functional import Kernel
 from .layers import Part
+from .measures import Measure
 from .options import DEFAULTS, RunOptions
 from .pooling import Pooling
 from .streaming import Estimator
@@ -272,6 +273,13 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
         help=f"column holding the texts (default: {DEFAULTS.text_column}); image columns are"
         " found automatically",
     )
+    for side, other in (("a", "b"), ("b", "a")):
+        group.add_argument(
+            f"--column-{side}",
+            metavar="NAME",
+            help=f"paired data: the column model {side.upper()} reads (with --column-{other}),"
+            " e.g. --column-a image --column-b caption; replaces --text-column",
+        )
     group.add_argument(
         "--num-samples", type=_int, metavar="N", help="use at most N samples (default: all)"
     )
@@ -358,6 +366,54 @@ def _add_estimator(parser: argparse.ArgumentParser) -> None:
         metavar="SE",
         help="stop early once every cell's standard error is below SE (default: use all data)",
     )
+
+
+def _add_measure(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("measure")
+    group.add_argument(
+        "--measure",
+        choices=get_args(Measure),
+        default=DEFAULTS.measure,
+        help="similarity measure (default: cka); the others hold the pooled features of every"
+        " layer (bounded by --max-bytes) and give no standard errors",
+    )
+    group.add_argument(
+        "--measure-param",
+        dest="measure_params",
+        action=_MeasureParam,
+        default={},
+        metavar="NAME=VALUE",
+        help="a parameter of the measure, repeatable: k=10 (mutual_knn), keep=0.99 (svcca),"
+        " distance=euclidean (rsa)",
+    )
+
+
+class _MeasureParam(argparse.Action):
+    """Collects ``NAME=VALUE`` pairs into a dict; values read as int, float, else string."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        value: Any,
+        option_string: str | None = None,
+    ) -> None:
+        name, sep, text = str(value).partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentError(self, f"expected NAME=VALUE such as k=10, got {value!r}")
+        params = dict(getattr(namespace, self.dest) or {})
+        params[name.strip()] = _scalar(text.strip())
+        setattr(namespace, self.dest, params)
+
+
+def _scalar(text: str) -> int | float | str:
+    """``"10"`` -> 10, ``"0.99"`` -> 0.99, anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
@@ -462,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--part-a",
         choices=PARTS,
         default="encoder",
-        help="which stack of an encoder-decoder A to use (default: encoder)",
+        help="which stack of an encoder-decoder A to use, or which tower of a CLIP-style A"
+        " (vision, text) (default: encoder)",
     )
     models.add_argument(
         "--part-b",
@@ -472,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading(compare)
     _add_data(compare)
     _add_estimator(compare)
+    _add_measure(compare)
     _add_output(compare, HEATMAP_FILE)
 
     drift = command(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from .errors import (
     ColumnNotFoundError,
+    ColumnTypeError,
     DataFormatError,
     DataNotFoundError,
     EmptyDataError,
@@ -34,6 +36,18 @@ FILE_BUILDERS = {
     ".txt": "text",
 }
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
+DEFAULT_COLUMN = "text"
+AUTO_COLUMNS = {"image": IMAGE_COLUMNS, "audio": ("audio",)}
+"""Columns a model of that modality reads when ``text_column`` is not in the dataset."""
+
+
+@dataclass(frozen=True)
+class PairedColumn:
+    """One side of paired data: the option naming the column, the column, the model's input."""
+
+    option: str  # "column_a" or "column_b"
+    column: str
+    modality: str  # "text", "image" or "audio"
 
 
 def probe_corpus() -> list[str]:
@@ -45,18 +59,28 @@ def probe_corpus() -> list[str]:
 def load_samples(
     data: Any = None,
     *,
-    text_column: str = "text",
+    text_column: str = DEFAULT_COLUMN,
     dataset_config: str | None = None,
     split: str | None = None,
     num_samples: int | None = None,
     modality: str = "text",
     token: str | bool | None = None,
+    paired: Sequence[PairedColumn] = (),
 ) -> tuple[Iterator[Any], dict[str, Any]]:
     """Validated samples from ``data`` (capped at ``num_samples``) and a provenance dict.
 
-    ``data`` is ``None`` (the probe corpus), a sequence of strings (or images), a
+    ``data`` is ``None`` (the probe corpus), a sequence of strings (or images, or audio), a
     ``datasets.Dataset``/``IterableDataset``, a local csv/tsv/json/jsonl/parquet/txt file or a
     folder, or a Hub dataset id (with ``dataset_config`` and ``split``, default ``"train"``).
+
+    With ``paired`` columns (a dataset, file, folder or Hub id only) every sample is a dict
+    ``{column: value}`` of one row, each model reading its own column, so both models always
+    see the same rows. The columns are checked against the models' inputs on the first row,
+    before any forward pass.
+
+    Raises:
+        ColumnNotFoundError: a column the dataset does not have (named with its option).
+        ColumnTypeError: a paired column holding values its model cannot take.
     """
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
@@ -79,13 +103,22 @@ def load_samples(
                 "got an empty string"
             )
         dataset, info = _load_dataset(os.fspath(data), dataset_config, split, token)
-        samples = _column(dataset, text_column, modality)
-        info["text_column"] = samples.column_name
+        samples = (
+            _columns(dataset, paired, info) if paired else _column(dataset, text_column, modality)
+        )
+        info.update(_column_info(samples, paired))
     elif _is_dataset(data):
-        samples = _column(data, text_column, modality)
         info["dataset"] = getattr(data.info, "dataset_name", None) or "in-memory Dataset"
         info["split"] = str(data.split) if data.split is not None else None
-        info["text_column"] = samples.column_name
+        samples = _columns(data, paired, info) if paired else _column(data, text_column, modality)
+        info.update(_column_info(samples, paired))
+    elif paired:
+        raise InvalidInputError(
+            f"column_a and column_b pick two columns of a dataset, got data of type "
+            f"{type(data).__name__}; pass a datasets.Dataset (e.g. Dataset.from_dict({{"
+            f"{paired[0].column!r}: [...], {paired[1].column!r}: [...]}})), a data file or a Hub "
+            "dataset id"
+        )
     elif isinstance(data, Sequence) and not isinstance(data, (bytes, bytearray)):
         info["dataset"] = "in-memory list"
         samples = data
@@ -101,7 +134,15 @@ def load_samples(
         size = None
     info["size"] = size if num_samples is None or size is None else min(size, num_samples)
     source = info["dataset"]
-    return _validated(itertools.islice(samples, num_samples), modality, source), info
+    checks = {item.column: item.modality for item in paired} if paired else None
+    return _validated(itertools.islice(samples, num_samples), modality, source, checks), info
+
+
+def _column_info(samples: Any, paired: Sequence[PairedColumn]) -> dict[str, Any]:
+    """The provenance of the column(s) read: ``text_column``, or ``column_a``/``column_b``."""
+    if paired:
+        return {item.option: item.column for item in paired}
+    return {"text_column": samples.column_name}
 
 
 def _is_dataset(data: Any) -> bool:
@@ -288,10 +329,98 @@ class _ColumnIterable:
             yield row[self.column_name]
 
 
+class _RowsIterable:
+    """Iterates rows of a ``datasets`` dataset as ``{column: value}`` dicts of a few columns."""
+
+    def __init__(self, dataset: Any, columns: Sequence[str]) -> None:
+        self.dataset, self.columns = dataset, list(dict.fromkeys(columns))
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # TypeError for an IterableDataset: the size is unknown
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.dataset.select_columns(self.columns)
+
+
+def _columns(dataset: Any, paired: Sequence[PairedColumn], info: Mapping[str, Any]) -> Any:
+    """The rows of ``dataset`` restricted to the paired columns, checked on the first row."""
+    columns = list(dataset.column_names or [])
+    for item in paired:
+        if item.column not in columns:
+            raise ColumnNotFoundError(
+                f"column {item.column!r} ({item.option}) not found in {info.get('dataset')}; the "
+                f"dataset has columns {columns}: pass {item.option}=<one of them> "
+                f"(--{item.option.replace('_', '-')})"
+            )
+    rows = _RowsIterable(dataset, [item.column for item in paired])
+    first = next(iter(rows), None)
+    for item in paired if first is not None else ():
+        found = sample_kind(first[item.column])
+        if found != item.modality:
+            raise ColumnTypeError(
+                f"column {item.column!r} ({item.option}) holds {found} "
+                f"({type(first[item.column]).__name__}), but model {item.option[-1].upper()} "
+                f"reads {item.modality}; pass a {item.modality} column as {item.option}"
+            )
+    return rows
+
+
+def sample_kind(value: Any) -> str:
+    """``"text"``, ``"image"``, ``"audio"`` or ``"other"``: what a dataset value holds.
+
+    Audio is a ``datasets.Audio`` value (a decoded ``{"array", "sampling_rate"}`` dict or a
+    decoder with ``get_all_samples``), or a 1-d array of samples; images are PIL images or
+    arrays of 2 or 3 dimensions.
+    """
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, Mapping) and "array" in value:
+        return "audio"
+    if callable(getattr(value, "get_all_samples", None)):
+        return "audio"
+    if type(value).__module__.startswith("PIL."):
+        return "image"
+    ndim = getattr(value, "ndim", None)
+    if ndim is None and isinstance(value, (list, tuple)) and value:
+        ndim = 1 if isinstance(value[0], (int, float)) else None
+    return {1: "audio", 2: "image", 3: "image"}.get(ndim, "other")  # type: ignore[arg-type]
+
+
+def waveform(sample: Any, sampling_rate: int) -> Any:
+    """The 1-d float32 numpy waveform of an audio sample, at the feature extractor's rate.
+
+    Takes a decoded ``datasets.Audio`` dict (``{"array", "sampling_rate"}``), a ``datasets``
+    audio decoder (``get_all_samples()``, channels averaged), or a 1-d array or list (taken to be
+    at ``sampling_rate`` already).
+
+    Raises:
+        InvalidInputError: a sample at another sampling rate (hf_cka does not resample).
+    """
+    import numpy as np
+
+    rate = sampling_rate
+    if isinstance(sample, Mapping) and "array" in sample:
+        array, rate = sample["array"], sample.get("sampling_rate", sampling_rate)
+    elif callable(getattr(sample, "get_all_samples", None)):
+        decoded = sample.get_all_samples()
+        array, rate = decoded.data.mean(dim=0).numpy(), decoded.sample_rate
+    else:
+        array = sample
+    if rate != sampling_rate:
+        raise InvalidInputError(
+            f"expected audio at the feature extractor's {sampling_rate} Hz, got a sample at "
+            f"{rate} Hz; resample it first, e.g. dataset.cast_column('audio', "
+            f"datasets.Audio(sampling_rate={sampling_rate}))"
+        )
+    array = np.asarray(array, dtype=np.float32)
+    return array.mean(axis=0) if array.ndim == 2 else array
+
+
 def _column(dataset: Any, column: str, modality: str) -> _ColumnIterable:
     columns = list(dataset.column_names or [])
-    if modality == "image" and column not in columns:
-        column = next((c for c in IMAGE_COLUMNS if c in columns), column)
+    if modality in AUTO_COLUMNS and (column not in columns or column == DEFAULT_COLUMN):
+        # an image or audio model reads its own column, not a caption column named "text"
+        column = next((c for c in AUTO_COLUMNS[modality] if c in columns), column)
     if column not in columns:
         raise ColumnNotFoundError(
             f"column '{column}' not found; the dataset has columns {columns}: pass "
@@ -300,25 +429,43 @@ def _column(dataset: Any, column: str, modality: str) -> _ColumnIterable:
     return _ColumnIterable(dataset, column)
 
 
-def _validated(samples: Iterable[Any], modality: str, source: str) -> Iterator[Any]:
-    """Yield samples, rejecting non-strings and empty strings for text models."""
+def _validated(
+    samples: Iterable[Any],
+    modality: str,
+    source: str,
+    paired: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Yield samples, rejecting non-strings and empty strings for text models (in each text
+    column of ``paired`` rows, ``{column: modality}``)."""
     count = 0
     for index, sample in enumerate(samples):
-        if modality == "text":
-            if not isinstance(sample, str):
-                raise InvalidInputError(
-                    f"expected text samples (str), got {type(sample).__name__} at index {index}; "
-                    "pass a list of strings or the right text_column"
-                )
-            if not sample.strip():
-                raise InvalidInputError(
-                    f"sample {index} is an empty string; drop empty texts before comparing"
-                )
+        if paired is None:
+            _check_text(sample, modality, index)
+        else:
+            for column, column_modality in paired.items():
+                _check_text(sample[column], column_modality, index, column)
         count += 1
         yield sample
     if count == 0:
         raise EmptyDataError(
             f"the data ({source}) yielded no samples; pass at least 4 texts or images"
+        )
+
+
+def _check_text(sample: Any, modality: str, index: int, column: str | None = None) -> None:
+    """Refuse a non-string or empty sample for a text model."""
+    if modality != "text":
+        return
+    where = f"at index {index}" if column is None else f"in column {column!r} at row {index}"
+    if not isinstance(sample, str):
+        raise InvalidInputError(
+            f"expected text samples (str), got {type(sample).__name__} {where}; "
+            "pass a list of strings or the right text_column"
+        )
+    if not sample.strip():
+        raise InvalidInputError(
+            f"sample {index} is an empty string{'' if column is None else f' ({where})'}; drop "
+            "empty texts before comparing"
         )
 
 
@@ -353,9 +500,13 @@ def batch_samples(samples: Iterable[Any], batch_size: int) -> Iterator[list[Any]
 
 
 def encode(processor: Any, samples: Sequence[Any], modality: str, max_length: int | None) -> Any:
-    """Unpadded encodings of ``samples`` (token lists for text, tensors for images)."""
+    """Unpadded encodings of ``samples`` (token lists for text, tensors for images, the feature
+    extractor's output for audio: per-sample arrays, with its attention mask if it gives one)."""
     if modality == "image":
         return processor(images=list(samples), return_tensors="pt")
+    if modality == "audio":
+        rate = processor.sampling_rate
+        return processor([waveform(s, rate) for s in samples], sampling_rate=rate)
     return processor(
         list(samples), truncation=max_length is not None, max_length=max_length, padding=False
     )
@@ -366,6 +517,8 @@ def collate(processor: Any, encodings: Any, indices: Sequence[int], modality: st
     if modality == "image":
         return {k: v[list(indices)] for k, v in encodings.items()}
     rows = [{k: encodings[k][i] for k in encodings} for i in indices]
+    if modality == "audio":  # padded with the extractor's padding value and attention mask
+        return dict(processor.pad(rows, return_tensors="pt"))
     # right padding whatever the tokenizer says: left padding would shift the absolute position
     # ids of real tokens (BERT, GPT-2); pooling skips the pads on either side anyway
     return dict(processor.pad(rows, return_tensors="pt", padding_side="right"))
@@ -375,6 +528,9 @@ def lengths(encodings: Any, modality: str) -> list[int]:
     """Sequence length of each encoded sample (all equal for images)."""
     if modality == "image":
         return [1] * len(next(iter(encodings.values())))
+    if modality == "audio":  # the main input: waveform samples, or mel frames (all equal)
+        main = next(v for k, v in encodings.items() if k != "attention_mask")
+        return [len(row[0]) if getattr(row, "ndim", 1) == 2 else len(row) for row in main]
     return [len(ids) for ids in encodings["input_ids"]]
 
 

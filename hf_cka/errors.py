@@ -182,3 +182,11 @@ def suggest_paths(path: str, folders_only: bool = False) -> str:
 class ModelFormatError(HfCkaError, ValueError):
     """A model's files were found but do not describe a model transformers can build (e.g. a
     ``config.json`` without ``model_type``)."""
+
+
+# --- paired columns and audio (issue 17) ---
+
+
+class ColumnTypeError(HfCkaError, TypeError):
+    """A data column holds values the model reading it cannot take (images into a text model,
+    texts into a vision model); the message names the column and the model's input."""

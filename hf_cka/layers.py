@@ -23,6 +23,7 @@ from .errors import InvalidInputError, LayerNotFoundError, suggest
 
 Part = Literal["encoder", "decoder", "vision", "text"]
 PARTS: tuple[str, ...] = get_args(Part)
+TOWERS = ("vision", "text")  # the parts that pick one tower of a CLIP-style model
 LayerSpec = str | int
 
 # A layer spec is a module path (``"encoder.layer.3"``: the module's output) or a module path with

@@ -185,6 +185,17 @@ MEASURES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+MEASURE_LABELS: dict[str, str] = {
+    "cka": "CKA",
+    "mutual_knn": "mutual k-NN",
+    "procrustes": "Procrustes similarity",
+    "svcca": "SVCCA",
+    "pwcca": "PWCCA",
+    "rsa": "RSA (Spearman)",
+}
+"""How plots label each measure."""
+
+
 def similarity(
     x: torch.Tensor, y: torch.Tensor, measure: Measure = "cka", **params: object
 ) -> torch.Tensor:
@@ -198,13 +209,23 @@ def similarity(
         raise InvalidInputError(
             f"expected measure in {tuple(MEASURES)}, got {measure!r}.{suggest(measure, MEASURES)}"
         )
-    accepted = [name for name in inspect.signature(function).parameters if name not in ("x", "y")]
+    accepted = list(measure_parameters(measure))
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise InvalidInputError(
             f"measure {measure!r} takes the parameters {accepted}, got unknown {unknown}"
         )
     return function(x, y, **params)
+
+
+def measure_parameters(measure: Measure) -> tuple[str, ...]:
+    """Names of the keyword parameters ``measure`` takes (``("k",)`` for ``"mutual_knn"``)."""
+    function = MEASURES.get(measure)
+    if function is None:
+        raise InvalidInputError(
+            f"expected measure in {tuple(MEASURES)}, got {measure!r}.{suggest(measure, MEASURES)}"
+        )
+    return tuple(n for n in inspect.signature(function).parameters if n not in ("x", "y"))
 
 
 def estimate_bytes(

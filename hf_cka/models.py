@@ -8,11 +8,12 @@ so the weights, the tokenizer and the recorded provenance can never disagree.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from .errors import (
     WeightsFileError,
     suggest_paths,
 )
+from .layers import TOWERS, find_blocks
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -56,7 +58,9 @@ class LoadedModel:
     """A model ready for feature extraction, with its preprocessor and provenance.
 
     A PEFT adapter shares its base model's module (one copy of the weights): the adapter side
-    runs with its adapter active, the base side with every adapter disabled.
+    runs with its adapter active, the base side with every adapter disabled. A tower of a
+    CLIP-style model (:meth:`tower`) shares the model too: it runs only that tower's forward,
+    on its part of the processor.
     """
 
     name: str
@@ -64,19 +68,57 @@ class LoadedModel:
     commit_sha: str | None
     model: nn.Module
     processor: Any
-    modality: str  # "text" or "image"
+    modality: str  # "text", "image" or "audio"
     peft: Any = None  # the PeftModel wrapping ``model``, once an adapter was loaded onto it
     adapter_name: str | None = None  # set on the adapter side only
     base: LoadedModel | None = None  # the base model of an adapter
+    part: str | None = None  # "vision" or "text" on a tower of a two-tower model
+    tower_path: str | None = None  # the module running that tower (``"vision_model"``)
+    _towers: dict[str, LoadedModel] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def dtype(self) -> str:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
+    def tower(self, part: str) -> LoadedModel:
+        """This model restricted to its ``"vision"`` or ``"text"`` tower, when it has both
+        (CLIP, SigLIP); else (another part, or a single-stack model) the model itself.
+
+        The tower runs alone (``model.vision_model(pixel_values=...)``, ``model.text_model(
+        input_ids=..., attention_mask=...)``: the module above its blocks) on its part of the
+        processor (the image processor or the tokenizer). One view per part, so a tower asked
+        twice is one model with one forward pass per batch.
+
+        Raises:
+            ModelNotFoundError: the processor saved with the model lacks that tower's part.
+        """
+        if part not in TOWERS or not is_two_tower(self.model) or self.part is not None:
+            return self
+        if part not in self._towers:
+            attribute = "image_processor" if part == "vision" else "tokenizer"
+            processor = getattr(self.processor, attribute, None)
+            if processor is None:
+                raise ModelNotFoundError(
+                    f"the {part} tower of '{self.name}' needs a {attribute.replace('_', ' ')}, "
+                    f"but the processor saved with it ({type(self.processor).__name__}) has "
+                    "none; save the model's full processor (e.g. CLIPProcessor) next to it"
+                )
+            self._towers[part] = dataclasses.replace(
+                self,
+                processor=prepare_tokenizer(processor) if part == "text" else processor,
+                modality="image" if part == "vision" else "text",
+                part=part,
+                tower_path=find_blocks(self.model, part).split(".")[0],  # type: ignore[arg-type]
+            )
+        return self._towers[part]
+
     def feature_widths(self, layers: Sequence[str]) -> list[int] | None:
-        """Width of each layer's pooled features: the hidden size of a transformer (``None``
-        when the config does not say, e.g. a plain ``nn.Module``)."""
-        width = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        """Width of each layer's pooled features: the hidden size of a transformer, of its tower
+        for a tower (``None`` when the config does not say, e.g. a plain ``nn.Module``)."""
+        config = getattr(self.model, "config", None)
+        if self.part is not None:
+            config = getattr(config, f"{self.part}_config", None)
+        width = getattr(config, "hidden_size", None)
         return [int(width)] * len(layers) if isinstance(width, int) else None
 
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -95,6 +137,8 @@ class LoadedModel:
             f"revision_{suffix}": self.revision,
             f"commit_sha_{suffix}": self.commit_sha,
         }
+        if self.part is not None:
+            info[f"part_{suffix}"] = self.part
         if self.base is not None:
             info[f"adapter_{suffix}"] = self.name
             info[f"base_model_{suffix}"] = self.base.name
@@ -445,9 +489,8 @@ class ModelLoader:
         if self.device is not None:
             model.to(self.device)
         model.eval()
-        main_input = getattr(model, "main_input_name", "input_ids")
-        modality = "image" if main_input == "pixel_values" else "text"
-        processor = _load_processor(name, modality, common)
+        modality = input_modality(model)
+        processor = _load_processor(name, modality, common, two_towers=is_two_tower(model))
         return LoadedModel(name, revision, commit, model, processor, modality)
 
     def _load_adapter(self, name: str, revision: str | None, commit: str | None) -> LoadedModel:
@@ -504,20 +547,47 @@ def load_model(spec: str, *, revision: str | None = None, **options: Any) -> Loa
     return ModelLoader(**options).load(spec, revision)
 
 
-def _load_processor(name: str, modality: str, common: dict[str, Any]) -> Any:
-    """Tokenizer (right padding, with a pad token) or image processor of ``name``."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+AUDIO_INPUTS = ("input_features", "input_values")  # Whisper-style mels, wav2vec2-style waveforms
 
+
+def input_modality(model: nn.Module) -> str:
+    """``"image"``, ``"audio"`` or ``"text"``: what the model's main input is made from."""
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input == "pixel_values":
+        return "image"
+    return "audio" if main_input in AUDIO_INPUTS else "text"
+
+
+def is_two_tower(model: nn.Module) -> bool:
+    """Whether ``model`` has a vision and a text tower (CLIP, SigLIP): its config has both."""
+    config = getattr(model, "config", None)
+    return all(getattr(config, f"{part}_config", None) is not None for part in TOWERS)
+
+
+def _load_processor(
+    name: str, modality: str, common: dict[str, Any], *, two_towers: bool = False
+) -> Any:
+    """Tokenizer (right padding, with a pad token), image processor or feature extractor of
+    ``name``; a two-tower model's full processor (image processor and tokenizer together)."""
+    from transformers import (
+        AutoFeatureExtractor,
+        AutoImageProcessor,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    loaders = {"image": AutoImageProcessor, "audio": AutoFeatureExtractor, "text": AutoTokenizer}
+    kind = "processor" if two_towers else modality
+    labels = {"image": "image processor", "audio": "feature extractor", "text": "tokenizer"}
     try:
-        if modality == "image":
-            return AutoImageProcessor.from_pretrained(name, **common)
-        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+        if two_towers:
+            return AutoProcessor.from_pretrained(name, **common)
+        processor = loaders[modality].from_pretrained(name, **common)
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
-            f"found no {'image processor' if modality == 'image' else 'tokenizer'} for '{name}' "
-            f"({err}); save one next to the model"
+            f"found no {labels.get(kind, kind)} for '{name}' ({err}); save one next to the model"
         ) from err
-    return prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(processor) if modality == "text" else processor
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, get_args
 
 import torch
 from typing_extensions import Unpack
 
-from .data import MIN_BATCH
+from .data import DEFAULT_COLUMN, MIN_BATCH
 from .errors import InvalidInputError, suggest
 from .functional import Kernel
+from .measures import Measure, measure_parameters
 from .pooling import Pooling
 from .streaming import Estimator
 
@@ -29,9 +30,13 @@ Callback = Callable[[int, int, torch.Tensor], None]
 MIN_MAX_LENGTH = 1
 """The smallest ``max_length``; a tokenizer that adds more special tokens is refused at run time."""
 
+DEFAULT_TEXT_COLUMN = DEFAULT_COLUMN
+DEFAULT_ESTIMATOR = "minibatch"
+
 RESUME_KEYS = (
     "batch_size", "max_length", "num_samples", "text_column", "dataset_config", "split",
-    "pooling", "kernel", "threshold", "estimator", "null_permutations", "seed",
+    "pooling", "kernel", "threshold", "estimator", "null_permutations", "seed", "column_a",
+    "column_b",
 )  # fmt: skip
 """The options a resumed run must share with the checkpointed one (they shape the numbers)."""
 
@@ -47,6 +52,10 @@ class RunOptions:
             own limit). A tokenizer whose special tokens alone fill it is refused at run time.
         num_samples: use at most this many samples (``None``: all).
         text_column: the dataset column holding texts (images are found automatically).
+        column_a: with ``column_b``, paired data: model A reads this column of every row and
+            model B ``column_b`` of the same rows (``text_column`` is then unused), e.g.
+            images and their captions. Both or neither.
+        column_b: the column model B reads (see ``column_a``).
         dataset_config: Hub dataset configuration name.
         split: dataset split (default ``"train"`` or the first one).
         pooling: how token activations become one vector per example (padding never counts).
@@ -62,7 +71,13 @@ class RunOptions:
         estimator: ``"minibatch"`` (Nguyen et al.; with standard errors), ``"linear"`` (exact
             full-data biased linear CKA, Kornblith et al.) or ``"debiased"`` (exact full-data
             debiased linear CKA); see ``docs/statistics.md``.
-        max_bytes: refuse an exact estimator whose states would exceed this many bytes.
+        max_bytes: refuse an exact estimator whose states, or a full-data ``measure`` whose
+            pooled features, would exceed this many bytes.
+        measure: ``"cka"`` (default: the ``estimator``, ``kernel`` and standard errors above) or
+            a full-data measure of :mod:`hf_cka.measures` (``"mutual_knn"``, ``"procrustes"``,
+            ``"svcca"``, ``"pwcca"``, ``"rsa"``), computed once over all the pooled features.
+        measure_params: keyword parameters of ``measure`` (``{"k": 10}`` for ``"mutual_knn"``,
+            ``{"keep": 0.99}`` for ``"svcca"``, ``{"distance": "euclidean"}`` for ``"rsa"``).
         null_permutations: also compute CKA with B's samples shuffled within each batch this many
             times; the mean is ``result.null``, the chance level for this n and d.
         seed: seed of the permutations.
@@ -79,7 +94,9 @@ class RunOptions:
     batch_size: int = 32
     max_length: int | None = 128
     num_samples: int | None = None
-    text_column: str = "text"
+    text_column: str = DEFAULT_TEXT_COLUMN
+    column_a: str | None = None
+    column_b: str | None = None
     dataset_config: str | None = None
     split: str | None = None
     pooling: Pooling = "mean"
@@ -89,8 +106,10 @@ class RunOptions:
     chunk_batches: int = 8
     kernel: Kernel = "linear"
     threshold: float = 1.0
-    estimator: Estimator = "minibatch"
+    estimator: Estimator = DEFAULT_ESTIMATOR
     max_bytes: int | None = None
+    measure: Measure = "cka"
+    measure_params: Mapping[str, Any] = field(default_factory=dict, hash=False)
     null_permutations: int = 0
     seed: int = 0
     target_stderr: float | None = None
@@ -109,7 +128,10 @@ class RunOptions:
         check_int("seed", self.seed, None, "the permutations' seed")
         if self.max_bytes is not None:
             check_int("max_bytes", self.max_bytes, 1, "or None for no limit")
-        for name, literal in (("pooling", Pooling), ("kernel", Kernel), ("estimator", Estimator)):
+        literals = (
+            ("pooling", Pooling), ("kernel", Kernel), ("estimator", Estimator), ("measure", Measure)
+        )  # fmt: skip
+        for name, literal in literals:
             choices = get_args(literal)
             value = getattr(self, name)
             if value not in choices:
@@ -126,6 +148,63 @@ class RunOptions:
                     f"target_stderr needs the per-batch standard errors of estimator='minibatch',"
                     f" got estimator={self.estimator!r}"
                 )
+
+        self._check_columns()
+        self._check_measure()
+
+    def _check_columns(self) -> None:
+        """Paired columns come as two non-empty strings, and replace ``text_column``."""
+        if (self.column_a is None) != (self.column_b is None):
+            raise InvalidInputError(
+                f"column_a and column_b go together (model A reads one column, model B the "
+                f"other), got column_a={self.column_a!r} and column_b={self.column_b!r}; pass "
+                "both, or neither and text_column for one column read by both models"
+            )
+        for name in ("column_a", "column_b"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidInputError(f"expected {name} as a column name, got {value!r}")
+        if self.paired and self.text_column != DEFAULT_TEXT_COLUMN:
+            raise InvalidInputError(
+                f"text_column={self.text_column!r} names one column for both models, but "
+                f"column_a={self.column_a!r} and column_b={self.column_b!r} name one each; "
+                "drop one of them"
+            )
+
+    def _check_measure(self) -> None:
+        """A full-data measure takes its own parameters and none of CKA's estimator options."""
+        if not isinstance(self.measure_params, Mapping):
+            raise InvalidInputError(
+                f"expected measure_params as a dict such as {{'k': 10}}, got "
+                f"{type(self.measure_params).__name__}"
+            )
+        accepted = () if self.measure == "cka" else measure_parameters(self.measure)
+        unknown = sorted(set(self.measure_params) - set(accepted))
+        if unknown:
+            raise InvalidInputError(
+                f"measure {self.measure!r} takes the parameters {list(accepted)}, got unknown "
+                f"{unknown}"
+            )
+        if self.measure == "cka":
+            return
+        cka_only = {
+            "estimator": (self.estimator, DEFAULT_ESTIMATOR),
+            "kernel": (self.kernel, "linear"),
+            "target_stderr": (self.target_stderr, None),
+            "checkpoint_dir": (self.checkpoint_dir, None),
+        }
+        for name, (value, default) in cka_only.items():
+            if value != default:
+                raise InvalidInputError(
+                    f"{name}={value!r} applies to measure='cka' only, got measure="
+                    f"{self.measure!r}, which is computed once over all the pooled features; "
+                    f"drop {name}, or use measure='cka'"
+                )
+
+    @property
+    def paired(self) -> bool:
+        """Whether the models read two columns of the same rows (``column_a``/``column_b``)."""
+        return self.column_a is not None
 
     def replace(self, **changes: Unpack[RunChanges]) -> RunOptions:
         """A copy with ``changes`` applied (and validated); unknown names raise a typed error."""
@@ -150,6 +229,8 @@ class RunChanges(TypedDict, total=False):
     max_length: int | None
     num_samples: int | None
     text_column: str
+    column_a: str | None
+    column_b: str | None
     dataset_config: str | None
     split: str | None
     pooling: Pooling
@@ -161,6 +242,8 @@ class RunChanges(TypedDict, total=False):
     threshold: float
     estimator: Estimator
     max_bytes: int | None
+    measure: Measure
+    measure_params: Mapping[str, Any]
     null_permutations: int
     seed: int
     target_stderr: float | None

@@ -258,9 +258,13 @@ def _draw_heatmap(
 
 
 def _add_colorbar(
-    fig: Figure, image: AxesImage, ax: Axes | Sequence[Axes], data: np.ndarray
+    fig: Figure,
+    image: AxesImage,
+    ax: Axes | Sequence[Axes],
+    data: np.ndarray,
+    label: str = "CKA",
 ) -> Colorbar:
-    """Add a colour bar about 0.2 inch thick labelled "CKA", as tall as the axes it serves.
+    """Add a colour bar about 0.2 inch thick labelled ``label``, as tall as the axes it serves.
 
     A single Axes gets an inset bar that follows the drawn (aspect-adjusted) heatmap; several get
     one bar beside all of them. The bar has arrows when ``data`` leave the colour range.
@@ -274,7 +278,7 @@ def _add_colorbar(
         colorbar = fig.colorbar(image, cax=cax, extend=extend)
     else:
         colorbar = fig.colorbar(image, ax=parents, extend=extend, aspect=max(height_in / 0.2, 10))
-    colorbar.set_label("CKA")
+    colorbar.set_label(label)
     return colorbar
 
 
@@ -297,6 +301,7 @@ def plot_cka_heatmap(
     max_ticks: int = 24,
     figsize: tuple[float, float] | None = None,
     colorbar: bool = True,
+    colorbar_label: str = "CKA",
 ) -> tuple[Figure, Axes]:
     """Heatmap of a CKA matrix: model 1's layers on y (first at the bottom), model 2's on x.
 
@@ -322,7 +327,8 @@ def plot_cka_heatmap(
         annot_fmt: Format spec of annotated numbers.
         max_ticks: Most tick labels per axis; first and last layers are always labelled.
         figsize: Size of a new figure; scaled with the number of layers by default.
-        colorbar: Add a colour bar labelled "CKA".
+        colorbar: Add a colour bar labelled ``colorbar_label``.
+        colorbar_label: The colour bar's label: the measure drawn (``"mutual k-NN"``...).
 
     Returns:
         The figure and the axes holding the heatmap.
@@ -359,7 +365,7 @@ def plot_cka_heatmap(
     if title:
         ax.set_title(title)
     if colorbar:
-        _add_colorbar(fig, image, ax, data)
+        _add_colorbar(fig, image, ax, data, colorbar_label)
     return fig, ax
 
 

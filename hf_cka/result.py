@@ -194,7 +194,9 @@ class CKAResult(Stored):
         """Long table, one row per layer pair (row-major: all of ``layers_b`` per ``layer_a``).
 
         Columns: ``run_id, model_a, model_b, layer_a, layer_b, index_a, index_b, cka, stderr,
-        null`` (``stderr``/``null`` are NaN when the result has none).
+        null`` (``stderr``/``null`` are NaN when the result has none; the ``cka`` column holds
+        the result's measure, ``metadata["measure"]``, which a non-CKA measure has no
+        ``stderr`` for).
         """
         return self._scores_table().to_pandas()
 
@@ -211,12 +213,17 @@ class CKAResult(Stored):
     def plot(self, **kwargs: Any) -> tuple[Figure, Axes]:
         """Heatmap via :func:`hf_cka.plotting.plot_cka_heatmap`; ``kwargs`` override defaults.
 
-        Defaults: layer and model names of this result, its ``stderr``, and ``mask_upper``
-        when :attr:`is_self_comparison`.
+        Defaults: layer and model names of this result, its ``stderr``, ``mask_upper`` when
+        :attr:`is_self_comparison`, and a colour bar naming the measure
+        (``metadata["measure"]``; a range from -1 for RSA, a correlation).
         """
+        from hf_cka.measures import MEASURE_LABELS
         from hf_cka.plotting import plot_cka_heatmap
 
+        measure = self.metadata.get("measure") or "cka"
         options: dict[str, Any] = {
+            "colorbar_label": MEASURE_LABELS.get(measure, measure),
+            "vmin": -1.0 if measure == "rsa" else 0.0,
             "layers1": self.layers_a,
             "layers2": self.layers_b,
             "model1_name": self.model_a,

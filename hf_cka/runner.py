@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,8 +23,10 @@ import torch
 from . import distributed
 from .capture import Extractor
 from .checkpoint import RunCheckpoint, fingerprint, model_identity
-from .data import batch_samples, load_samples, same_tokens
+from .data import PairedColumn, batch_samples, load_samples, same_tokens
 from .errors import InvalidInputError, TokenizerMismatchError
+from .fulldata import FullDataMeasure
+from .measures import estimate_bytes
 from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
 from .options import RunOptions
@@ -34,20 +36,47 @@ from .streaming import new_accumulator
 
 @dataclass
 class Comparison:
-    """One model pair and its layers; several comparisons may share a model (drift)."""
+    """One model pair and its layers; several comparisons may share a model (drift).
+
+    With paired data, ``column_a`` and ``column_b`` name the column each side reads.
+    """
 
     model_a: LoadedModel
     model_b: LoadedModel
     layers_a: list[str]
     layers_b: list[str]
+    column_a: str | None = None
+    column_b: str | None = None
 
     @property
     def self_similarity(self) -> bool:
-        return self.model_a is self.model_b and self.layers_a == self.layers_b
+        return (
+            self.model_a is self.model_b
+            and self.layers_a == self.layers_b
+            and self.column_a == self.column_b
+        )
+
+    @property
+    def sides(self) -> tuple[tuple[LoadedModel, list[str], str | None], ...]:
+        """``(model, layers, column)`` of side A and side B."""
+        return (
+            (self.model_a, self.layers_a, self.column_a),
+            (self.model_b, self.layers_b, self.column_b),
+        )
 
     def new_metric(self, options: RunOptions, *, paired: bool = False) -> Accumulator:
         """A fresh accumulator; ``paired`` forces two sides even for a self-comparison."""
         two_sided = paired or not self.self_similarity
+        if options.measure != "cka":
+            return FullDataMeasure(
+                options.measure,
+                options.measure_params,
+                len(self.layers_a),
+                len(self.layers_b) if two_sided else None,
+                layer_names_a=self.layers_a,
+                layer_names_b=self.layers_b,
+                max_bytes=options.max_bytes,
+            )
         widths = options.pooling != "flatten"  # flattened features are tokens x hidden wide
         return new_accumulator(
             options.estimator,
@@ -171,15 +200,32 @@ def run_comparisons(
     resumes from them.
     """
     started = time.perf_counter()
+    if options.paired:
+        comparisons = [
+            replace(c, column_a=options.column_a, column_b=options.column_b) for c in comparisons
+        ]
     first = comparisons[0]
-    layers_by_model: dict[int, tuple[LoadedModel, list[str]]] = {}
+    if options.measure != "cka" and distributed.num_processes() > 1:
+        raise InvalidInputError(
+            f"measure={options.measure!r} needs every sample in one process (it is computed "
+            f"once over all the pooled features), got {distributed.num_processes()} processes; "
+            "run it in one process, or use measure='cka', which streams"
+        )
+    # one extractor per distinct (model, column): a model reading two columns runs on both
+    layers_by_model: dict[tuple[int, str | None], tuple[LoadedModel, list[str], str | None]] = {}
     for comparison in comparisons:
-        for loaded, layers in (
-            (comparison.model_a, comparison.layers_a),
-            (comparison.model_b, comparison.layers_b),
-        ):
-            layers_by_model.setdefault(id(loaded), (loaded, []))[1].extend(layers)
-    check_max_length([loaded for loaded, _ in layers_by_model.values()], options.max_length)
+        for loaded, layers, column in comparison.sides:
+            key = (id(loaded), column)
+            layers_by_model.setdefault(key, (loaded, [], column))[1].extend(layers)
+    check_max_length([loaded for loaded, _, _ in layers_by_model.values()], options.max_length)
+    paired = (
+        [
+            PairedColumn("column_a", options.column_a, first.model_a.modality),  # type: ignore[arg-type]
+            PairedColumn("column_b", options.column_b, first.model_b.modality),  # type: ignore[arg-type]
+        ]
+        if options.paired
+        else []
+    )
     samples, data_info = load_samples(
         data,
         num_samples=options.num_samples,
@@ -188,7 +234,9 @@ def run_comparisons(
         text_column=options.text_column,
         dataset_config=options.dataset_config,
         split=options.split,
+        paired=paired,
     )
+    check_memory(comparisons, data_info.get("size"), options)
     batches = batch_samples(samples, options.batch_size)
     slots = {key: slot for slot, key in enumerate(layers_by_model)}
     accumulated = [
@@ -222,8 +270,8 @@ def run_comparisons(
     stopped_early = False
     with contextlib.ExitStack() as stack:
         extractors = [
-            stack.enter_context(Extractor(loaded, layers, options.pooling))
-            for loaded, layers in layers_by_model.values()
+            stack.enter_context(Extractor(loaded, layers, options.pooling, column))
+            for loaded, layers, column in layers_by_model.values()
         ]
         progress = stack.enter_context(
             Progress([e.forward_module for e in extractors], total, options.progress, done)
@@ -260,6 +308,8 @@ def run_comparisons(
     run_info = {
         "batch_size": options.batch_size,
         "max_length": options.max_length,
+        "measure": options.measure,
+        "measure_params": dict(options.measure_params),
         "kernel": options.kernel,
         "threshold": options.threshold if options.kernel == "rbf" else None,
         "sort_by_length": options.sort_by_length,
@@ -290,17 +340,45 @@ def check_max_length(models: Iterable[LoadedModel], max_length: int | None) -> N
             )
 
 
+def check_memory(comparisons: Sequence[Comparison], size: int | None, options: RunOptions) -> None:
+    """Refuse, before any forward pass, a full-data measure whose pooled features would exceed
+    ``options.max_bytes`` (when the number of samples and the layer widths are known; else the
+    accumulator refuses as soon as the features it holds would).
+
+    Raises:
+        FullDataMemoryError: the estimate of :func:`hf_cka.measures.estimate_bytes` is too big.
+    """
+    if options.measure == "cka" or options.max_bytes is None or size is None:
+        return
+    n = size if options.num_samples is None else min(size, options.num_samples)
+    copies = 1 + options.null_permutations  # every permutation null holds its own copy
+    for comparison in comparisons:
+        dims_a = comparison.model_a.feature_widths(comparison.layers_a)
+        dims_b = comparison.model_b.feature_widths(comparison.layers_b)
+        if dims_a is None or dims_b is None or options.pooling in ("tokens", "flatten"):
+            continue  # widths unknown up front: the accumulator checks batch by batch
+        one_sided = comparison.self_similarity and copies == 1
+        estimate_bytes(
+            n,
+            dims_a * copies,
+            None if one_sided else dims_b * copies,
+            measure=options.measure,
+            max_bytes=options.max_bytes,
+        )
+
+
 def _update(
     comparison: Comparison,
     item: Accumulated,
     features: list[dict[str, torch.Tensor]],
-    slots: dict[int, int],
+    slots: dict[tuple[int, str | None], int],
     seed: int,
     batch_index: int,
 ) -> None:
     """Feed one batch to a comparison's metric and to its permutation nulls."""
-    feats_a = [features[slots[id(comparison.model_a)]][spec] for spec in comparison.layers_a]
-    feats_b = [features[slots[id(comparison.model_b)]][spec] for spec in comparison.layers_b]
+    (model_a, layers_a, column_a), (model_b, layers_b, column_b) = comparison.sides
+    feats_a = [features[slots[id(model_a), column_a]][spec] for spec in layers_a]
+    feats_b = [features[slots[id(model_b), column_b]][spec] for spec in layers_b]
     item.metric.update(
         feats_a, None if item.metric.self_similarity else feats_b, batch_index=batch_index
     )
