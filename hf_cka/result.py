@@ -146,10 +146,11 @@ class CKAResult(Stored):
 
     @property
     def is_self_comparison(self) -> bool:
-        """Whether both sides are the same model, revision and layers (a symmetric matrix)."""
+        """Whether both sides are the same model, revision, layers, tower and data column (a
+        symmetric matrix)."""
         same_revision = all(
             self.metadata.get(f"{key}_a") == self.metadata.get(f"{key}_b")
-            for key in ("revision", "commit_sha")
+            for key in ("revision", "commit_sha", "part", "column")
         )
         return self.model_a == self.model_b and self.layers_a == self.layers_b and same_revision
 
