@@ -43,7 +43,8 @@ ESTIMATOR_LABELS = {
 }
 DRIFT_METADATA = (
     "pooling", "estimator", "dataset", "dataset_config", "split", "n_samples", "n_batches",
-    "batch_size", "max_length", "num_processes", "versions", "wall_time_s",
+    "batch_size", "max_length", "num_processes", "versions", "wall_time_s", "measure",
+    "measure_params",
 )  # fmt: skip
 
 

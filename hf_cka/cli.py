@@ -902,8 +902,15 @@ def _numbers(values: Sequence[float]) -> str:
 def _compare_summary(result: Any, folder: Path, url: str | None) -> str:
     import torch
 
+    from .measures import MEASURE_LABELS
+
     meta = result.metadata
+    measure = meta.get("measure") or "cka"
+    label = MEASURE_LABELS.get(measure, measure)
     settings = f"pooling={meta.get('pooling')}, kernel={meta.get('kernel')}"
+    if measure != "cka":
+        params = "".join(f", {k}={v}" for k, v in (meta.get("measure_params") or {}).items())
+        settings = f"pooling={meta.get('pooling')}, measure={measure}{params}"
     rows = [
         ("model A", _model_line(result.model_a, meta.get("revision_a"), meta.get("commit_sha_a"))),
         ("model B", _model_line(result.model_b, meta.get("revision_b"), meta.get("commit_sha_b"))),
@@ -916,13 +923,14 @@ def _compare_summary(result: Any, folder: Path, url: str | None) -> str:
     ]
     if result.shape[0] == result.shape[1]:
         rows.append(("diagonal", _numbers(result.matrix.diagonal().tolist())))
-    rows.append(("mean CKA", f"{torch.nanmean(result.matrix).item():.4f} (all layer pairs)"))
+    mean = torch.nanmean(result.matrix).item()
+    rows.append((f"mean {label}", f"{mean:.4f} (all layer pairs)"))
     if result.stderr is not None:
         largest = torch.nan_to_num(result.stderr, nan=0.0).max().item()
         rows.append(("std. error", f"at most {largest:.4f} per cell (over batches)"))
     if result.null is not None:
         chance = torch.nanmean(result.null).item()
-        rows.append(("chance CKA", f"{chance:.4f} (mean with B's samples permuted)"))
+        rows.append((f"chance {label}", f"{chance:.4f} (mean with B's samples permuted)"))
     rows.append(("saved to", f"{folder}/ (result.json, tensors.safetensors, {HEATMAP_FILE})"))
     if url:
         rows.append(("pushed to", url))

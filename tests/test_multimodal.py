@@ -326,7 +326,7 @@ def test_a_measure_result_plots_saves_and_reloads(
 
 
 def test_cli_measure_and_paired_columns(
-    folders: dict[str, str], pairs: datasets.Dataset, tmp_path: Path
+    folders: dict[str, str], pairs: datasets.Dataset, tmp_path: Path, capsys
 ) -> None:
     data = tmp_path / "pairs.parquet"
     pairs.to_parquet(str(data))
@@ -337,9 +337,35 @@ def test_cli_measure_and_paired_columns(
         "--batch-size", "4", "--max-length", "16", "--no-progress", "-o", str(out),
     ])  # fmt: skip
     assert code == 0
+    summary = capsys.readouterr().out
+    assert "measure=mutual_knn, k=3" in summary and "mean mutual k-NN" in summary, summary
     result = CKAResult.load(out)
     assert (result.metadata["measure"], result.metadata["measure_params"]) == (
         "mutual_knn",
         {"k": 3},
     )
     assert result.metadata["column_a"] == "image" and result.matrix.shape == (3, 4)
+    assert main(["compare", folders["vit"], "--measure-param", "k"]) == 2  # one error line
+    assert "expected NAME=VALUE such as k=10, got 'k'" in capsys.readouterr().err
+
+
+def test_a_measure_has_a_permutation_null(vit_bert: AutoCKA, pairs: datasets.Dataset) -> None:
+    result = vit_bert.compare(
+        pairs, column_a="image", column_b="caption", measure="mutual_knn",
+        measure_params={"k": 3}, null_permutations=2, **FAST,
+    )  # fmt: skip
+    assert result.null is not None and result.null.shape == result.matrix.shape
+    assert ((result.null >= 0) & (result.null <= 1)).all()
+
+
+def test_a_full_data_measure_refuses_several_processes(
+    vit_bert: AutoCKA, pairs: datasets.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The features would have to be gathered, not summed: refused before any forward pass."""
+    from hf_cka import distributed
+
+    calls = forward_counter(vit_bert)
+    monkeypatch.setattr(distributed, "num_processes", lambda: 2)
+    with pytest.raises(InvalidInputError, match="needs every sample in one process"):
+        vit_bert.compare(pairs, column_a="image", column_b="caption", measure="svcca", **FAST)
+    assert calls == []
