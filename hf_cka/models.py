@@ -98,10 +98,10 @@ class LoadedModel:
             attribute = "image_processor" if part == "vision" else "tokenizer"
             processor = getattr(self.processor, attribute, None)
             if processor is None:
+                needed = "an image processor" if part == "vision" else "a tokenizer"
                 raise ModelNotFoundError(
-                    f"the {part} tower of '{self.name}' needs a {attribute.replace('_', ' ')}, "
-                    f"but the processor saved with it ({type(self.processor).__name__}) has "
-                    "none; save the model's full processor (e.g. CLIPProcessor) next to it"
+                    f"the {part} tower of '{self.name}' needs {needed}, but none was saved with "
+                    "the model; save the model's full processor (e.g. CLIPProcessor) next to it"
                 )
             self._towers[part] = dataclasses.replace(
                 self,
@@ -564,28 +564,42 @@ def is_two_tower(model: nn.Module) -> bool:
     return all(getattr(config, f"{part}_config", None) is not None for part in TOWERS)
 
 
+@dataclass
+class TowerProcessors:
+    """The preprocessors of a two-tower model: each tower reads its own (``None``: not saved)."""
+
+    image_processor: Any
+    tokenizer: Any
+
+
 def _load_processor(
     name: str, modality: str, common: dict[str, Any], *, two_towers: bool = False
 ) -> Any:
     """Tokenizer (right padding, with a pad token), image processor or feature extractor of
-    ``name``; a two-tower model's full processor (image processor and tokenizer together)."""
-    from transformers import (
-        AutoFeatureExtractor,
-        AutoImageProcessor,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    ``name``; for a two-tower model both its image processor and its tokenizer (either may be
+    missing: the tower that needs it refuses, see :meth:`LoadedModel.tower`)."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
     loaders = {"image": AutoImageProcessor, "audio": AutoFeatureExtractor, "text": AutoTokenizer}
-    kind = "processor" if two_towers else modality
     labels = {"image": "image processor", "audio": "feature extractor", "text": "tokenizer"}
+    if two_towers:
+        found = {}
+        for kind in ("image", "text"):
+            try:
+                found[kind] = loaders[kind].from_pretrained(name, **common)
+            except (OSError, ValueError):
+                found[kind] = None
+        if found["image"] is None and found["text"] is None:
+            raise ModelNotFoundError(
+                f"found neither an image processor nor a tokenizer for the two-tower model "
+                f"'{name}'; save its processor (e.g. CLIPProcessor) next to the model"
+            )
+        return TowerProcessors(found["image"], found["text"])
     try:
-        if two_towers:
-            return AutoProcessor.from_pretrained(name, **common)
         processor = loaders[modality].from_pretrained(name, **common)
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
-            f"found no {labels.get(kind, kind)} for '{name}' ({err}); save one next to the model"
+            f"found no {labels[modality]} for '{name}' ({err}); save one next to the model"
         ) from err
     return prepare_tokenizer(processor) if modality == "text" else processor
 

@@ -24,6 +24,7 @@ from hf_cka.errors import (
     ColumnTypeError,
     FullDataMemoryError,
     InvalidInputError,
+    ModelNotFoundError,
 )
 from hf_cka.measures import mutual_knn, procrustes
 from hf_cka.options import RunOptions
@@ -369,3 +370,13 @@ def test_a_full_data_measure_refuses_several_processes(
     with pytest.raises(InvalidInputError, match="needs every sample in one process"):
         vit_bert.compare(pairs, column_a="image", column_b="caption", measure="svcca", **FAST)
     assert calls == []
+
+
+def test_a_tower_without_its_processor_part_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "clip-tokenizer-only"
+    tiny.build_multimodal("clip").save_pretrained(folder)
+    caption_tokenizer().save_pretrained(folder)
+    text = AutoCKA.from_pretrained(str(folder), part_a="text", part_b="text")  # has a tokenizer
+    assert text.model_a.modality == "text" and text.model_a.tower_path == "text_model"
+    with pytest.raises(ModelNotFoundError, match="the vision tower of .* needs an image processor"):
+        AutoCKA.from_pretrained(str(folder), part_a="vision", part_b="text")
