@@ -113,6 +113,10 @@ def _run_view(run: Mapping[str, Any]) -> dict[str, Any]:
             "wall_time_s",
         )
     }
+    if view["estimator"] is None and metadata.get("measure") not in (None, "cka"):
+        params = metadata.get("measure_params") or {}
+        listed = ", ".join(f"{name}={value}" for name, value in params.items())
+        view["estimator"] = f"{metadata['measure']}" + (f" ({listed})" if listed else "")
     if isinstance(view["wall_time_s"], float):
         view["wall_time_s"] = f"{view['wall_time_s']:.1f}"
     view.update(

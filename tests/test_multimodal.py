@@ -380,3 +380,20 @@ def test_a_tower_without_its_processor_part_is_refused(tmp_path: Path) -> None:
     assert text.model_a.modality == "text" and text.model_a.tower_path == "text_model"
     with pytest.raises(ModelNotFoundError, match="the vision tower of .* needs an image processor"):
         AutoCKA.from_pretrained(str(folder), part_a="vision", part_b="text")
+
+
+def test_a_measure_result_round_trips_through_the_hub(
+    vit_bert: AutoCKA, pairs: datasets.Dataset, hub, tmp_path: Path
+) -> None:
+    from huggingface_hub import DatasetCard
+
+    result = vit_bert.compare(
+        pairs, column_a="image", column_b="caption", measure="mutual_knn",
+        measure_params={"k": 3}, **FAST,
+    )  # fmt: skip
+    repo_id = f"{hub.user}/mutual-knn-run"
+    result.push_to_hub(repo_id, local_dir=tmp_path / "push")
+    loaded = CKAResult.from_hub(repo_id)
+    torch.testing.assert_close(loaded.matrix, result.matrix)
+    assert loaded.stderr is None and loaded.metadata["measure_params"] == {"k": 3}
+    assert r"| mutual\_knn (k=3) |" in DatasetCard.load(repo_id, repo_type="dataset").text
