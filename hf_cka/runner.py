@@ -274,7 +274,13 @@ def run_comparisons(
             for loaded, layers, column in layers_by_model.values()
         ]
         progress = stack.enter_context(
-            Progress([e.forward_module for e in extractors], total, options.progress, done)
+            # one hook per module: a model reading two columns has two extractors on one module
+            Progress(
+                list(dict.fromkeys(e.forward_module for e in extractors)),
+                total,
+                options.progress,
+                done,
+            )
         )
         stream = _stream(
             extractors,

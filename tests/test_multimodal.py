@@ -397,3 +397,27 @@ def test_a_measure_result_round_trips_through_the_hub(
     torch.testing.assert_close(loaded.matrix, result.matrix)
     assert loaded.stderr is None and loaded.metadata["measure_params"] == {"k": 3}
     assert r"| mutual\_knn (k=3) |" in DatasetCard.load(repo_id, repo_type="dataset").text
+
+
+def test_progress_counts_each_forward_once_for_a_model_reading_two_columns(
+    folders: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BERT on two text columns: two extractors on one module; each of the 4 forward passes of
+    a 2-batch chunk (2 per column) moves the bar by half a batch, not twice that."""
+    from tqdm.auto import tqdm
+
+    positions: list[float] = []
+    original = tqdm.update
+
+    def record(self: tqdm, n: float = 1) -> bool | None:
+        shown = original(self, n)
+        positions.append(self.n)
+        return shown
+
+    monkeypatch.setattr(tqdm, "update", record)
+    auto = AutoCKA.from_pretrained(folders["bert"])
+    texts = tiny.varied_texts(8, seed=2)
+    data = datasets.Dataset.from_dict({"a": texts, "b": texts[::-1]})
+    auto.compare(data, column_a="a", column_b="b", batch_size=4, chunk_batches=2, max_length=16)
+    # one update per forward pass (4), then the chunk's end and the run's end
+    assert positions == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0], positions
