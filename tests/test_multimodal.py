@@ -65,6 +65,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ),
         tokenizer=caption_tokenizer(),
     ).save_pretrained(clip)
+    siglip = root / "siglip"
+    tiny.build_multimodal("siglip").save_pretrained(siglip)
+    tf.SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(siglip)
+    caption_tokenizer().save_pretrained(siglip)
     whisper, wav2vec2 = root / "whisper", root / "wav2vec2"
     tiny.build_multimodal("whisper").save_pretrained(whisper)
     # 1 s windows of 32 frames: the tiny encoder's 2 x max_source_positions
@@ -77,6 +81,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ).save_pretrained(wav2vec2)
     return {
         "clip": str(clip),
+        "siglip": str(siglip),
         "vit": str(tiny.save("vit", root / "vit")),
         "bert": str(tiny.save("bert", root / "bert")),
         "whisper": str(whisper),
@@ -218,12 +223,13 @@ def test_paired_columns_need_both_and_a_dataset(vit_bert: AutoCKA) -> None:
 # ------------------------------------------------------------------------------- CLIP towers
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_clip_towers_compare_on_the_same_rows(
-    folders: dict[str, str], pairs: datasets.Dataset
+    folders: dict[str, str], pairs: datasets.Dataset, kind: str
 ) -> None:
-    """Image tower vs text tower of one CLIP; each tower runs alone (CLIPModel.forward never)
-    on its processor part, and gives the tower's own hidden states."""
-    auto = AutoCKA.from_pretrained(folders["clip"], part_a="vision", part_b="text")
+    """Image tower vs text tower of one CLIP (or SigLIP); each tower runs alone (the whole
+    model's forward never) on its processor part, and gives the tower's own hidden states."""
+    auto = AutoCKA.from_pretrained(folders[kind], part_a="vision", part_b="text")
     layers = tiny.TOWER_LAYERS
     assert auto.layers_a[-1] == f"vision_model.encoder.layers.{layers['vision'] - 1}"
     assert auto.layers_b[-1] == f"text_model.encoder.layers.{layers['text'] - 1}"
