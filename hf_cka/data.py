@@ -353,13 +353,14 @@ def _columns(dataset: Any, paired: Sequence[PairedColumn], info: Mapping[str, An
                 f"(--{item.option.replace('_', '-')})"
             )
     rows = _RowsIterable(dataset, [item.column for item in paired])
-    first = next(iter(rows), None)
+    first = next(iter(rows), None)  # no row: EmptyDataError once the samples are read
     for item in paired if first is not None else ():
-        found = sample_kind(first[item.column])
+        value = first[item.column]  # type: ignore[index]
+        found = sample_kind(value)
         if found != item.modality:
             raise ColumnTypeError(
                 f"column {item.column!r} ({item.option}) holds {found} "
-                f"({type(first[item.column]).__name__}), but model {item.option[-1].upper()} "
+                f"({type(value).__name__}), but model {item.option[-1].upper()} "
                 f"reads {item.modality}; pass a {item.modality} column as {item.option}"
             )
     return rows

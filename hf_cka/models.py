@@ -580,7 +580,11 @@ def _load_processor(
     missing: the tower that needs it refuses, see :meth:`LoadedModel.tower`)."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
-    loaders = {"image": AutoImageProcessor, "audio": AutoFeatureExtractor, "text": AutoTokenizer}
+    loaders: dict[str, Any] = {
+        "image": AutoImageProcessor,
+        "audio": AutoFeatureExtractor,
+        "text": AutoTokenizer,
+    }
     labels = {"image": "image processor", "audio": "feature extractor", "text": "tokenizer"}
     if two_towers:
         found = {}

@@ -31,7 +31,7 @@ MIN_MAX_LENGTH = 1
 """The smallest ``max_length``; a tokenizer that adds more special tokens is refused at run time."""
 
 DEFAULT_TEXT_COLUMN = DEFAULT_COLUMN
-DEFAULT_ESTIMATOR = "minibatch"
+DEFAULT_ESTIMATOR: Estimator = "minibatch"
 
 RESUME_KEYS = (
     "batch_size", "max_length", "num_samples", "text_column", "dataset_config", "split",
