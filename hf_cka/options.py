@@ -60,7 +60,8 @@ class RunOptions:
         split: dataset split (default ``"train"`` or the first one).
         pooling: how token activations become one vector per example (padding never counts).
         callback: ``callback(batches_done, total, current_matrix)`` after every batch (this
-            process's partial matrix in a distributed run; ``total`` is -1 when unknown).
+            process's partial matrix in a distributed run; ``total`` is -1 when unknown; NaN
+            for a full-data ``measure``, computed once at the end).
         progress: show a progress bar (main process only), moved once per CKA batch.
         sort_by_length: run the forward passes over length-sorted sub-batches of a chunk (faster;
             the CKA minibatches are unchanged and the matrix differs only by the float rounding of

@@ -12,6 +12,7 @@ with float32 weights, 1e-15 with float64 (see docs/distributed.md).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ from .checkpoint import RunCheckpoint, fingerprint, model_identity
 from .data import PairedColumn, batch_samples, load_samples, same_tokens
 from .errors import InvalidInputError, TokenizerMismatchError
 from .fulldata import FullDataMeasure
-from .measures import estimate_bytes
+from .measures import estimate_bytes, mutual_knn
 from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
 from .options import RunOptions
@@ -236,7 +237,7 @@ def run_comparisons(
         split=options.split,
         paired=paired,
     )
-    check_memory(comparisons, data_info.get("size"), options)
+    check_full_data(comparisons, data_info.get("size"), options)
     batches = batch_samples(samples, options.batch_size)
     slots = {key: slot for slot, key in enumerate(layers_by_model)}
     accumulated = [
@@ -296,7 +297,7 @@ def run_comparisons(
                     _update(comparison, item, features, slots, options.seed, index)
                 done += 1
                 if options.callback is not None:
-                    options.callback(done, total or -1, compute_quietly(accumulated[0].metric))
+                    options.callback(done, total or -1, _current(accumulated[0].metric))
                 checkpoint.step(done)
                 if options.target_stderr is not None and all(
                     stderr_target_reached(item.metric, options.target_stderr)  # type: ignore[arg-type]
@@ -346,17 +347,39 @@ def check_max_length(models: Iterable[LoadedModel], max_length: int | None) -> N
             )
 
 
-def check_memory(comparisons: Sequence[Comparison], size: int | None, options: RunOptions) -> None:
-    """Refuse, before any forward pass, a full-data measure whose pooled features would exceed
-    ``options.max_bytes`` (when the number of samples and the layer widths are known; else the
-    accumulator refuses as soon as the features it holds would).
+def _current(metric: Accumulator) -> torch.Tensor:
+    """The matrix a progress callback gets: CKA so far, or NaN for a full-data measure (computed
+    once, over every sample, at the end)."""
+    if isinstance(metric, FullDataMeasure):
+        return torch.full((metric.num_layers_a, metric.num_layers_b), math.nan, dtype=torch.float64)
+    return compute_quietly(metric)
+
+
+def check_full_data(
+    comparisons: Sequence[Comparison], size: int | None, options: RunOptions
+) -> None:
+    """Refuse, before any forward pass, a full-data measure that cannot run on the data: a
+    ``mutual_knn`` ``k`` of at least the number of samples, or pooled features that would exceed
+    ``options.max_bytes``. Checked when the number of samples (and, for the memory, the layer
+    widths) is known; else the accumulator refuses as soon as the features it holds would exceed
+    the budget, and the measure when it is computed.
 
     Raises:
+        InvalidInputError: ``k >= n`` for ``mutual_knn``.
         FullDataMemoryError: the estimate of :func:`hf_cka.measures.estimate_bytes` is too big.
     """
-    if options.measure == "cka" or options.max_bytes is None or size is None:
+    if options.measure == "cka" or size is None:
         return
     n = size if options.num_samples is None else min(size, options.num_samples)
+    k = options.measure_params.get("k", inspect.signature(mutual_knn).parameters["k"].default)
+    if options.measure == "mutual_knn" and isinstance(k, int) and k >= n:
+        raise InvalidInputError(
+            f"mutual_knn needs k < n_samples (a sample is not its own neighbour), got k={k} for "
+            f"{n} samples; pass a smaller k (measure_params={{'k': ...}}, --measure-param k=...) "
+            "or more samples"
+        )
+    if options.max_bytes is None:
+        return
     copies = 1 + options.null_permutations  # every permutation null holds its own copy
     for comparison in comparisons:
         dims_a = comparison.model_a.feature_widths(comparison.layers_a)

@@ -427,3 +427,29 @@ def test_progress_counts_each_forward_once_for_a_model_reading_two_columns(
     auto.compare(data, column_a="a", column_b="b", batch_size=4, chunk_batches=2, max_length=16)
     # one update per forward pass (4), then the chunk's end and the run's end
     assert positions == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0], positions
+
+
+def test_mutual_knn_with_k_of_at_least_n_is_refused_before_any_forward(
+    vit_bert: AutoCKA, pairs: datasets.Dataset
+) -> None:
+    calls = forward_counter(vit_bert)
+    with pytest.raises(
+        InvalidInputError, match="mutual_knn needs k < n_samples .* got k=10 for 8 samples"
+    ):
+        vit_bert.compare(
+            pairs, column_a="image", column_b="caption", measure="mutual_knn", num_samples=8,
+            **FAST,
+        )  # fmt: skip
+    assert calls == []
+
+
+def test_a_callback_gets_nan_until_a_full_data_measure_is_computed(
+    vit_bert: AutoCKA, pairs: datasets.Dataset
+) -> None:
+    seen: list[torch.Tensor] = []
+    result = vit_bert.compare(
+        pairs, column_a="image", column_b="caption", measure="mutual_knn",
+        measure_params={"k": 3}, callback=lambda done, total, matrix: seen.append(matrix), **FAST,
+    )  # fmt: skip
+    assert len(seen) == N // 4 and all(m.shape == result.matrix.shape for m in seen)
+    assert all(m.isnan().all() for m in seen) and not result.matrix.isnan().any()
