@@ -270,11 +270,8 @@ class Extractor:
         self.forward_module: nn.Module = model if get_encoder is None else get_encoder()  # type: ignore[operator]
         if loaded.tower_path is not None:
             self.forward_module = model.get_submodule(loaded.tower_path)
-        # wav2vec2-style models map a waveform mask to a frame mask (a transformers method)
-        frame_mask = getattr(model, "_get_feature_vector_attention_mask", None)
-        self.hidden_mask = (
-            (lambda mask: frame_mask(self._frames(mask), mask)) if callable(frame_mask) else None
-        )
+        waveform_model = callable(getattr(model, "_get_feature_vector_attention_mask", None))
+        self.hidden_mask = self._frame_mask if waveform_model else None
         # pooled rows gather on the input device: CKA math runs there, only sums go to the CPU
         self.capture = FeatureCapture(model, self.layers, pooling, device=input_device(model))
 
@@ -290,10 +287,12 @@ class Extractor:
         for module, training in self._modes.items():
             module.training = training
 
-    def _frames(self, mask: torch.Tensor) -> int:
-        """Number of hidden-state frames of a padded waveform batch (``mask``'s width)."""
-        lengths = self.loaded.model._get_feat_extract_output_lengths(mask.shape[1])  # type: ignore[operator]
-        return int(lengths)
+    def _frame_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The frame mask of a padded waveform batch: the frames a wav2vec2-style model's
+        convolutions draw from real samples (its own transformers helpers compute them)."""
+        model: Any = self.loaded.model
+        frames = int(model._get_feat_extract_output_lengths(mask.shape[1]))
+        return model._get_feature_vector_attention_mask(frames, mask)
 
     def encode(self, samples: Sequence[Any], max_length: int | None) -> Any:
         """Encodings of ``samples`` (of this extractor's column of each row, if it has one)."""

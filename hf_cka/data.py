@@ -38,7 +38,7 @@ FILE_BUILDERS = {
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 DEFAULT_COLUMN = "text"
 AUTO_COLUMNS = {"image": IMAGE_COLUMNS, "audio": ("audio",)}
-"""Columns a model of that modality reads when ``text_column`` is not in the dataset."""
+"""Columns an image or audio model reads when ``text_column`` is left at its default or absent."""
 
 
 @dataclass(frozen=True)
