@@ -219,14 +219,12 @@ def run_comparisons(
             key = (id(loaded), column)
             layers_by_model.setdefault(key, (loaded, [], column))[1].extend(layers)
     check_max_length([loaded for loaded, _, _ in layers_by_model.values()], options.max_length)
-    paired = (
-        [
-            PairedColumn("column_a", options.column_a, first.model_a.modality),  # type: ignore[arg-type]
-            PairedColumn("column_b", options.column_b, first.model_b.modality),  # type: ignore[arg-type]
+    paired: list[PairedColumn] = []
+    if options.column_a is not None and options.column_b is not None:
+        paired = [
+            PairedColumn("column_a", options.column_a, first.model_a.modality),
+            PairedColumn("column_b", options.column_b, first.model_b.modality),
         ]
-        if options.paired
-        else []
-    )
     samples, data_info = load_samples(
         data,
         num_samples=options.num_samples,
@@ -358,7 +356,8 @@ def _current(metric: Accumulator) -> torch.Tensor:
 def check_full_data(
     comparisons: Sequence[Comparison], size: int | None, options: RunOptions
 ) -> None:
-    """Refuse, before any forward pass, a full-data measure that cannot run on the data: a
+    """Refuse, before any forward pass, a full-data measure that cannot run on ``size`` samples
+    (the data's, capped at ``num_samples``; ``None``: unknown): a
     ``mutual_knn`` ``k`` of at least the number of samples, or pooled features that would exceed
     ``options.max_bytes``. Checked when the number of samples (and, for the memory, the layer
     widths) is known; else the accumulator refuses as soon as the features it holds would exceed
@@ -368,9 +367,9 @@ def check_full_data(
         InvalidInputError: ``k >= n`` for ``mutual_knn``.
         FullDataMemoryError: the estimate of :func:`hf_cka.measures.estimate_bytes` is too big.
     """
-    if options.measure == "cka" or size is None:
-        return
-    n = size if options.num_samples is None else min(size, options.num_samples)
+    if options.measure == "cka" or size is None or options.pooling == "tokens":
+        return  # (with pooling="tokens" every token is a sample: their number is unknown)
+    n = size  # already capped at num_samples
     k = options.measure_params.get("k", inspect.signature(mutual_knn).parameters["k"].default)
     if options.measure == "mutual_knn" and isinstance(k, int) and k >= n:
         raise InvalidInputError(
@@ -384,7 +383,7 @@ def check_full_data(
     for comparison in comparisons:
         dims_a = comparison.model_a.feature_widths(comparison.layers_a)
         dims_b = comparison.model_b.feature_widths(comparison.layers_b)
-        if dims_a is None or dims_b is None or options.pooling in ("tokens", "flatten"):
+        if dims_a is None or dims_b is None or options.pooling == "flatten":
             continue  # widths unknown up front: the accumulator checks batch by batch
         one_sided = comparison.self_similarity and copies == 1
         estimate_bytes(
