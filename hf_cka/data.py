@@ -367,7 +367,8 @@ def _columns(dataset: Any, paired: Sequence[PairedColumn], info: Mapping[str, An
 
 
 def sample_kind(value: Any) -> str:
-    """``"text"``, ``"image"``, ``"audio"`` or ``"other"``: what a dataset value holds.
+    """``"text"``, ``"image"``, ``"audio"`` or else ``"neither text, image nor audio"``: what a
+    dataset value holds.
 
     Audio is a ``datasets.Audio`` value (a decoded ``{"array", "sampling_rate"}`` dict or a
     decoder with ``get_all_samples``), or a 1-d array of samples; images are PIL images or
@@ -384,7 +385,7 @@ def sample_kind(value: Any) -> str:
     ndim = getattr(value, "ndim", None)
     if ndim is None and isinstance(value, (list, tuple)) and value:
         ndim = 1 if isinstance(value[0], (int, float)) else None
-    return {1: "audio", 2: "image", 3: "image"}.get(ndim, "other")  # type: ignore[arg-type]
+    return {1: "audio", 2: "image", 3: "image"}.get(ndim, "neither text, image nor audio")  # type: ignore[arg-type]
 
 
 def waveform(sample: Any, sampling_rate: int) -> Any:

@@ -91,9 +91,15 @@ class LoadedModel:
 
         Raises:
             ModelNotFoundError: the processor saved with the model lacks that tower's part.
+            InvalidInputError: the other tower asked of a tower.
         """
-        if part not in TOWERS or not is_two_tower(self.model) or self.part is not None:
+        if part not in TOWERS or not is_two_tower(self.model) or part == self.part:
             return self
+        if self.part is not None:
+            raise InvalidInputError(
+                f"this is the {self.part} tower of '{self.name}', got part={part!r}; take the "
+                "other tower from the whole model"
+            )
         if part not in self._towers:
             attribute = "image_processor" if part == "vision" else "tokenizer"
             processor = getattr(self.processor, attribute, None)

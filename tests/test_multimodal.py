@@ -453,3 +453,16 @@ def test_a_callback_gets_nan_until_a_full_data_measure_is_computed(
     )  # fmt: skip
     assert len(seen) == N // 4 and all(m.shape == result.matrix.shape for m in seen)
     assert all(m.isnan().all() for m in seen) and not result.matrix.isnan().any()
+
+
+def test_a_tower_gives_no_other_tower(folders: dict[str, str]) -> None:
+    auto = AutoCKA.from_pretrained(folders["clip"], part_a="vision", part_b="text")
+    assert auto.model_a.tower("vision") is auto.model_a
+    with pytest.raises(InvalidInputError, match="this is the vision tower of"):
+        auto.model_a.tower("text")
+
+
+def test_an_undecodable_column_is_named_as_such(vit_bert: AutoCKA) -> None:
+    data = datasets.Dataset.from_dict({"image": [{"x": 1}] * N, "caption": CAPTIONS})
+    with pytest.raises(ColumnTypeError, match="holds neither text, image nor audio"):
+        vit_bert.compare(data, column_a="image", column_b="caption", **FAST)
