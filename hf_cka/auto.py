@@ -39,6 +39,8 @@ from .runner import (
 )
 
 if TYPE_CHECKING:
+    from .fingerprint import Fingerprint
+    from .grid import GridResult
     from .result import CKAResult, DriftResult
 
 ESTIMATOR_LABELS = {
@@ -116,15 +118,27 @@ class AutoCKA:
         ``"repo@revision"``. A PEFT adapter (a repo or folder with ``adapter_config.json``) is put
         on its base model; a lone adapter is compared with its base, with one copy of the
         weights. ``dtype=None`` keeps the checkpoint's dtype; accumulation is float64 whatever.
+        A fingerprint (a folder or Hub dataset repo with ``fingerprint.json``, see
+        :meth:`fingerprint`) stands in for a model: ``compare`` then runs only the other
+        model's forward passes.
         """
         check_pooling(pooling)
-        loader = ModelLoader(
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            token=token,
-        )
+        loading = {
+            "dtype": dtype,
+            "device": device,
+            "device_map": device_map,
+            "trust_remote_code": trust_remote_code,
+        }
+        if any(_names_fingerprint(spec, rev, token) for spec, rev in
+               ((model_a, revision_a), (model_b, revision_b))):  # fmt: skip
+            from .combine import TwoPhaseCKA
+
+            return TwoPhaseCKA.from_sources(
+                model_a, model_b, revision_a=revision_a, revision_b=revision_b,
+                layers_a=layers_a, layers_b=layers_b, pooling=pooling, part_a=part_a,
+                part_b=part_b, token=token, **loading,
+            )  # fmt: skip
+        loader = ModelLoader(**loading, token=token)
         loaded_a = loader.load(model_a, revision_a)
         loaded_b = None if model_b is None else loader.load(model_b, revision_b)
         if loaded_b is None and loaded_a.base is not None:  # lone adapter: base vs adapted
@@ -254,21 +268,38 @@ class AutoCKA:
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
+        one_model_at_a_time: bool = True,
         **compare_options: Any,
     ) -> DriftResult:
         """CKA of a base model against each of several checkpoints; returns a ``DriftResult``.
 
         Checkpoints are Hub ids, local folders, ``"repo@revision"`` (several revisions of one
-        repo work) or PEFT adapters (put on the base model: one copy of its weights). All models
-        are loaded together and the data streams once: per batch the base model runs ONE
-        forward pass shared by the k comparisons (k + 1 passes, not 2k). ``compare_options``
-        are those of :meth:`compare` (``batch_size``, ``max_length``, ``num_samples`` ...).
+        repo work), PEFT adapters or fingerprints (see :meth:`fingerprint`). By default ONE model
+        is in memory at a time: the base is extracted once, then each checkpoint is loaded,
+        extracted, freed and combined with the base (k + 1 forward-pass sets). With
+        ``one_model_at_a_time=False`` all models are loaded together and the data streams once
+        (adapters then share one copy of the base weights). ``compare_options`` are those of
+        :meth:`compare` (``batch_size``, ``max_length``, ``num_samples`` ...).
         """
         if isinstance(checkpoints, str) or not checkpoints:
             raise InvalidInputError(
                 f"expected a non-empty list of checkpoints, got {checkpoints!r}"
             )
         check_pooling(pooling)
+        if one_model_at_a_time:
+            from .combine import drift_one_at_a_time
+            from .extract import ModelSource
+
+            loading = {"dtype": dtype, "device": device, "device_map": device_map,
+                       "trust_remote_code": trust_remote_code}  # fmt: skip
+            sources = [
+                ModelSource(spec, rev, layers, part, loading)
+                for spec, rev in [(base, revision), *((c, None) for c in checkpoints)]
+            ]
+            results = drift_one_at_a_time(
+                sources[0], sources[1:], data, pooling, RunOptions(**compare_options), token
+            )
+            return _drift_result(base, list(checkpoints), results)
         loader = ModelLoader(
             dtype=dtype,
             device=device,
@@ -299,14 +330,96 @@ class AutoCKA:
                 )
         options = RunOptions(**compare_options)
         results = _compare_all(comparisons, data, pooling, options, token)
-        from .result import DriftResult
+        return _drift_result(base_model.name, [c.model_b.name for c in comparisons], results)
 
-        return DriftResult(
-            base=base_model.name,
-            checkpoints=[c.model_b.name for c in comparisons],
-            results=results,
-            metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
-        )
+    @classmethod
+    def fingerprint(
+        cls,
+        model: str,
+        data: Any = None,
+        *,
+        revision: str | None = None,
+        layers: str | Sequence[LayerSpec] = "auto",
+        pooling: str = "mean",
+        part: Part = "encoder",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int | None = DEFAULT_MAX_LENGTH,
+        num_samples: int | None = None,
+        text_column: str = "text",
+        dataset_config: str | None = None,
+        split: str | None = None,
+        shuffle_seed: int | None = None,
+        features: bool = False,
+        sort_by_length: bool = True,
+        chunk_batches: int = 8,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+        progress: bool = True,
+    ) -> Fingerprint:
+        """Run ONE model over ``data`` and return its :class:`~hf_cka.fingerprint.Fingerprint`.
+
+        The store holds, per layer and CKA batch, the float64 squared distances of the pooled
+        features (and the features themselves with ``features=True``), the batch composition
+        and sample digests and the model's provenance; ``save``/``push_to_hub`` it and compare
+        any model with it later (``AutoCKA.from_pretrained(folder_or_repo, other)``) without
+        this model. Batches are those of :meth:`compare` (``batch_size`` consecutive samples),
+        after a fixed shuffle of the samples when ``shuffle_seed`` is given. The model is freed
+        before returning. Other arguments are those of :meth:`from_pretrained` and
+        :meth:`compare`.
+        """
+        from .extract import ExtractOptions, ModelSource, fingerprint_model
+
+        loading = {"dtype": dtype, "device": device, "device_map": device_map,
+                   "trust_remote_code": trust_remote_code}  # fmt: skip
+        options = ExtractOptions(
+            batch_size=batch_size, max_length=max_length, num_samples=num_samples,
+            text_column=text_column, dataset_config=dataset_config, split=split,
+            shuffle_seed=shuffle_seed, sort_by_length=sort_by_length,
+            chunk_batches=chunk_batches, features=features, progress=progress,
+        )  # fmt: skip
+        source = ModelSource(model, revision, layers, part, loading)
+        return fingerprint_model(source, data, check_pooling(pooling), options, token=token)
+
+    @classmethod
+    def grid(
+        cls,
+        models: Sequence[str],
+        data: Any = None,
+        *,
+        layers: str | Sequence[LayerSpec] = "auto",
+        pooling: str = "mean",
+        part: Part = "encoder",
+        shuffle_seed: int | None = None,
+        features: bool = False,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+        **compare_options: Any,
+    ) -> GridResult:
+        """CKA between every pair of ``models``; returns a :class:`~hf_cka.grid.GridResult`.
+
+        Each model (Hub id, folder, ``"repo@revision"``, adapter or fingerprint) is loaded,
+        extracted ONCE and freed before the next: N models cost N models' forward passes and
+        one model's memory. ``compare_options`` are those of :meth:`compare`.
+        """
+        from .extract import ModelSource
+        from .grid import run_grid
+
+        if isinstance(models, str):
+            raise InvalidInputError(f"expected a list of models, got the string {models!r}")
+        loading = {"dtype": dtype, "device": device, "device_map": device_map,
+                   "trust_remote_code": trust_remote_code}  # fmt: skip
+        sources = [ModelSource(model, None, layers, part, loading) for model in models]
+        options = RunOptions(**compare_options)
+        return run_grid(
+            sources, data, check_pooling(pooling), options, shuffle_seed=shuffle_seed,
+            features=features, token=token,
+        )  # fmt: skip
 
     def extract_features(
         self,
@@ -392,6 +505,26 @@ def _compare_all(
             )
         )
     return results
+
+
+def _names_fingerprint(spec: str | None, revision: str | None, token: str | bool | None) -> bool:
+    from .models import is_fingerprint, parse_model_spec
+
+    if spec is None:
+        return False
+    name, revision = parse_model_spec(spec, revision)
+    return is_fingerprint(name, revision, token)
+
+
+def _drift_result(base: str, checkpoints: list[str], results: list[CKAResult]) -> DriftResult:
+    from .result import DriftResult
+
+    return DriftResult(
+        base=base,
+        checkpoints=checkpoints,
+        results=results,
+        metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
+    )
 
 
 def _stderr(accumulated: Accumulated) -> torch.Tensor | None:

@@ -97,3 +97,10 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
         return ""
     quoted = [f"'{m}'" for m in matches]
     return " Did you mean " + (" or ".join(quoted) if len(quoted) < 3 else ", ".join(quoted)) + "?"
+
+
+# ------------------------------------------------------------ fingerprints (issue 15, helper F)
+
+
+class FingerprintMismatchError(HfCkaError, ValueError):
+    """Two per-model stores (fingerprints) describe other samples, batches or settings."""

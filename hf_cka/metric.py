@@ -41,7 +41,15 @@ from .errors import (
     NonFiniteActivationError,
     ShapeMismatchError,
 )
-from .functional import Kernel, as_features, gram, u_center_gram
+from .functional import (
+    KERNELS,
+    Kernel,
+    _median,
+    as_features,
+    center_gram,
+    gram,
+    u_center_gram,
+)
 
 # A layer whose U-centred Gram energy is below this fraction of its raw Gram energy is constant
 # over the data up to float64 rounding: its CKA is undefined (NaN), never divided by an epsilon.
@@ -185,6 +193,41 @@ class MinibatchCKA:
                 )
         self._accumulate(u_a, u_b, n)
 
+    def update_from_distances(
+        self,
+        distances_a: torch.Tensor,
+        distances_b: torch.Tensor | None = None,
+        *,
+        batch_index: int | None = None,
+    ) -> None:
+        """Add one batch from stored ``(L, n, n)`` squared distances ``D_ij = ||x_i - x_j||^2``
+        of each layer's pooled features instead of the features themselves.
+
+        The linear Gram of the column-centred features is ``-H D H / 2`` (classical scaling,
+        ``H = I - 11^T / n``) and the RBF Gram is ``exp(-D / (2 threshold^2 median(D)))``, so
+        the batch adds what :meth:`update` adds for the features (to float64 rounding).
+        """
+        check_sides(self, distances_b)
+        where = self.n_batches if batch_index is None else batch_index
+        sides = [(distances_a, self.num_layers_a, self.layer_names_a)]
+        if distances_b is not None:
+            sides.append((distances_b, self.num_layers_b, self.layer_names_b))
+        centred = []
+        for distances, num_layers, names in sides:
+            if distances.dim() != 3 or distances.shape[0] != num_layers:
+                raise ShapeMismatchError(
+                    f"expected ({num_layers}, n, n) squared distances, got {tuple(distances.shape)}"
+                )
+            k = gram_from_distances(distances, self.kernel, self.threshold)
+            centred.append(self._centred(k, names, where))
+        n = distances_a.shape[-1]
+        if distances_b is not None and distances_b.shape[-1] != n:
+            raise ShapeMismatchError(
+                f"side A has {n} samples in this batch and side B {distances_b.shape[-1]}; both "
+                "sides must describe the same samples"
+            )
+        self._accumulate(centred[0], centred[-1], n)
+
     def _u_centered(
         self,
         features: Sequence[torch.Tensor],
@@ -197,7 +240,12 @@ class MinibatchCKA:
         feats = validated_features(
             features, num_layers, names, side, batch_index, check_finite=False
         )
-        k = self._grams(feats)
+        return self._centred(self._grams(feats), names, batch_index)
+
+    def _centred(
+        self, k: torch.Tensor, names: list[str], batch_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U(K)`` of ``(L, n, n)`` Gram matrices and their raw off-diagonal energies."""
         # a NaN or Inf activation of sample i reaches K_ii = ||x_i||^2: one cheap check
         check_finite_layers(k.diagonal(dim1=-2, dim2=-1), names, batch_index)
         return u_center_gram(k), _off_diagonal_energy(k)
@@ -401,6 +449,27 @@ def layer_names(
     if num_layers_b is None:
         return names_a, list(names_b or names_a)
     return names_a, list(names_b or [f"B[{j}]" for j in range(num_layers_b)])
+
+
+def gram_from_distances(distances: torch.Tensor, kernel: Kernel, threshold: float) -> torch.Tensor:
+    """Gram matrices ``(..., n, n)`` of the features whose squared distances are ``distances``.
+
+    Linear: ``K = -H D H / 2``, the Gram of the column-centred features. RBF:
+    ``K = exp(-D / (2 sigma^2))`` with ``sigma^2 = threshold^2 median(D)`` over the full matrix
+    (diagonal zeros included, as :func:`hf_cka.functional.gram_rbf`), all ones when ``D = 0``.
+    """
+    d = distances.to(torch.float64)
+    if kernel == "linear":
+        return -0.5 * center_gram(d)
+    if kernel != "rbf":
+        raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
+    if threshold <= 0:
+        raise InvalidInputError(f"expected an RBF threshold > 0, got {threshold}")
+    grams = []
+    for layer in d.reshape(-1, *d.shape[-2:]):
+        sigma2 = threshold**2 * _median(layer)
+        grams.append(torch.ones_like(layer) if sigma2 == 0 else torch.exp(-layer / (2.0 * sigma2)))
+    return torch.stack(grams).reshape(d.shape)
 
 
 def _off_diagonal_energy(k: torch.Tensor) -> torch.Tensor:

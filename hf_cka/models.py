@@ -28,6 +28,7 @@ from .errors import (
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
+FINGERPRINT_FILE = "fingerprint.json"  # marks a per-model store (hf_cka.fingerprint)
 
 DTYPES = {
     "float32": torch.float32,
@@ -282,6 +283,24 @@ class ModelLoader:
             adapter_name=adapter_name,
             base=base,
         )
+
+
+def is_fingerprint(spec: Any, revision: str | None = None, token: str | bool | None = None) -> bool:
+    """Whether ``spec`` names a fingerprint (:mod:`hf_cka.fingerprint`) rather than a model: a
+    local folder holding ``fingerprint.json``, or a Hub dataset repo with that file."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        return False
+    if os.path.isdir(spec):
+        return os.path.isfile(os.path.join(spec, FINGERPRINT_FILE))
+    from huggingface_hub import file_exists
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return file_exists(
+            str(spec), FINGERPRINT_FILE, repo_type="dataset", revision=revision, token=token
+        )
+    except (HFValidationError, OSError, *NETWORK_ERRORS):  # not a repo id, or offline
+        return False
 
 
 def load_model(spec: str, *, revision: str | None = None, **options: Any) -> LoadedModel:

@@ -1,0 +1,360 @@
+"""N-model grids: every model extracted ONCE (one in memory at a time), every pair combined.
+
+:func:`run_grid` costs N models' forward passes in total; a :class:`GridResult` holds the
+``CKAResult`` of every pair ``i <= j`` (``pair(j, i)`` is the transpose of ``pair(i, j)``) and an
+N x N model-level summary (see ``docs/statistics.md``):
+
+    S[i, j] = mean over the layers l of model i of  max over the layers m of model j  CKA(l, m),
+
+the average best-match similarity of model i's layers in model j (asymmetric; ``S[i, i] = 1``).
+The clustered plot uses the symmetric distance ``1 - (S + S^T) / 2``.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import distributed
+from .combine import combine, extract_options, reference_data
+from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
+from .extract import ModelSource, fingerprint_model
+from .result import (
+    SCHEMA_VERSION,
+    CKAResult,
+    _atomic_directory,
+    _checked_run_id,
+    _field,
+    _json_text,
+    _read_json,
+    _utc_now,
+    new_run_id,
+    validate_run_id,
+)
+from .runner import RunOptions
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+GRID_SCHEMA_NAME = "hf_cka.GridResult"
+GRID_FILE = "grid.json"
+GRID_KEY = "grid"  # metadata key recording a result's membership of a GridResult
+
+
+def _swap_sides(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` with every ``*_a`` key exchanged with its ``*_b`` twin (and ``dtype`` "x/y")."""
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key.endswith("_a"):
+            out[key[:-2] + "_b"] = value
+        elif key.endswith("_b"):
+            out[key[:-2] + "_a"] = value
+        elif key == "dtype" and isinstance(value, str) and "/" in value:
+            out[key] = "/".join(reversed(value.split("/")))
+        elif key not in ("run_id", GRID_KEY):
+            out[key] = value
+    return out
+
+
+def model_summary(matrix: torch.Tensor) -> float:
+    """Mean over the rows of the row-wise maximum of a CKA matrix (NaN cells ignored)."""
+    finite = torch.nan_to_num(matrix, nan=-torch.inf)
+    best = finite.max(dim=1).values
+    best = best[torch.isfinite(best)]
+    return float(best.mean()) if best.numel() else float("nan")
+
+
+@dataclass(eq=False, repr=False)
+class GridResult:
+    """CKA between every pair of N models.
+
+    Attributes:
+        models: the N model names (as given: Hub ids, folders, ``repo@revision``).
+        results: ``{(i, j): CKAResult}`` for every ``i <= j`` (model i as A, model j as B).
+        metadata: JSON-serialisable provenance; ``grid_id`` and ``created_at`` are filled in.
+    """
+
+    models: list[str]
+    results: dict[tuple[int, int], CKAResult]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.models = [str(model) for model in self.models]
+        n = len(self.models)
+        expected = {(i, j) for i in range(n) for j in range(i, n)}
+        if n < 2 or set(self.results) != expected:
+            raise ShapeMismatchError(
+                f"a GridResult of {n} models needs the results of every pair i <= j "
+                f"({len(expected)}), got {sorted(self.results)}"
+            )
+        self.metadata = dict(self.metadata)
+        self.metadata["grid_id"] = validate_run_id(self.metadata.get("grid_id") or new_run_id("g"))
+        self.metadata.setdefault("created_at", _utc_now())
+        for (i, j), result in self.results.items():
+            result.metadata[GRID_KEY] = {
+                "models": self.models,
+                "i": i,
+                "j": j,
+                "metadata": self.metadata,
+            }
+
+    def __repr__(self) -> str:
+        return f"GridResult(grid_id={self.grid_id!r}, models={self.models!r})"
+
+    @property
+    def grid_id(self) -> str:
+        return self.metadata["grid_id"]
+
+    def pair(self, i: int, j: int) -> CKAResult:
+        """The ``CKAResult`` of model ``i`` (rows) against model ``j`` (columns), with stderr."""
+        n = len(self.models)
+        if not (-n <= i < n and -n <= j < n):
+            raise InvalidInputError(f"expected model indices in [-{n}, {n}), got ({i}, {j})")
+        i, j = i % n, j % n
+        if i <= j:
+            return self.results[i, j]
+        result = self.results[j, i]
+        return CKAResult(
+            matrix=result.matrix.T,
+            layers_a=result.layers_b,
+            layers_b=result.layers_a,
+            model_a=result.model_b,
+            model_b=result.model_a,
+            metadata={**_swap_sides(result.metadata), "run_id": f"{result.run_id}T"},
+            stderr=None if result.stderr is None else result.stderr.T,
+            null=None if result.null is None else result.null.T,
+        )
+
+    @property
+    def summary(self) -> torch.Tensor:
+        """float64 ``(N, N)``: ``summary[i, j]`` = mean over model i's layers of their best CKA
+        with any layer of model j (asymmetric; see the module docstring)."""
+        n = len(self.models)
+        return torch.tensor(
+            [[model_summary(self.pair(i, j).matrix) for j in range(n)] for i in range(n)],
+            dtype=torch.float64,
+        )
+
+    def order(self) -> list[int]:
+        """The models in the leaf order of average-linkage clustering of ``1 - sym(summary)``."""
+        from scipy.cluster.hierarchy import leaves_list
+
+        return [int(i) for i in leaves_list(self._linkage())]
+
+    def _linkage(self) -> Any:
+        from scipy.cluster.hierarchy import linkage
+        from scipy.spatial.distance import squareform
+
+        summary = self.summary.nan_to_num(nan=0.0)
+        distance = (1.0 - (summary + summary.T) / 2).clamp_min(0.0)
+        distance.fill_diagonal_(0.0)
+        return linkage(squareform(distance.numpy(), checks=False), method="average")
+
+    def plot(self, *, cmap: str = "magma", annot: bool = True) -> tuple[Figure, Any]:
+        """Clustered N x N heatmap of :attr:`summary` with its dendrogram on top.
+
+        Returns ``(figure, (dendrogram_axes, heatmap_axes))``; the figure is not shown.
+        """
+        import matplotlib.pyplot as plt
+        from scipy.cluster.hierarchy import dendrogram
+
+        n = len(self.models)
+        size = max(4.0, 0.7 * n + 2.5)
+        fig = plt.figure(figsize=(size + 1.0, size + 1.5))
+        grid = fig.add_gridspec(2, 2, height_ratios=[1, 4], width_ratios=[20, 1], hspace=0.02)
+        top, ax, bar = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), None
+        tree = dendrogram(self._linkage(), ax=top, no_labels=True, color_threshold=0)
+        top.set_axis_off()
+        order = [int(i) for i in tree["leaves"]]
+        matrix = self.summary[order][:, order].numpy()
+        image = ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        labels = [self.models[i] for i in order]
+        ax.set_xticks(range(n), labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels)
+        ax.set_xlabel("model j (best match of each layer of i)")
+        ax.set_ylabel("model i")
+        if annot:
+            for r in range(n):
+                for c in range(n):
+                    value = matrix[r, c]
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if value > 0.6 else "white")  # fmt: skip
+        bar = fig.add_subplot(grid[1, 1])
+        fig.colorbar(image, cax=bar, label="mean best-layer CKA")
+        top.set_title("CKA grid: models clustered by mean best-layer CKA")
+        return fig, (top, ax)
+
+    # ----------------------------------------------------------------------- files
+    def save(self, directory: str | Path) -> Path:
+        """Write ``grid.json``, ``grid.png`` and one result folder per pair (``<run_id>/``)."""
+        target = Path(directory)
+        if not distributed.is_main_process():
+            return target
+        document = _json_text(
+            {
+                "schema": GRID_SCHEMA_NAME,
+                "schema_version": SCHEMA_VERSION,
+                "models": self.models,
+                "pairs": [[i, j, r.run_id] for (i, j), r in sorted(self.results.items())],
+                "metadata": self.metadata,
+            },
+            "metadata",
+        )
+        if (target / GRID_FILE).is_file():  # an earlier grid: replaced as a whole
+            shutil.rmtree(target)
+        with _atomic_directory(target) as staging:
+            for result in self.results.values():
+                result.save(staging / result.run_id)
+            (staging / "grid.png").write_bytes(self._png())
+            (staging / GRID_FILE).write_text(document, encoding="utf-8")
+        return target
+
+    def _png(self) -> bytes:
+        import matplotlib.pyplot as plt
+
+        fig, _ = self.plot()
+        try:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+            return buffer.getvalue()
+        finally:
+            plt.close(fig)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GridResult:
+        """Load a grid written by :meth:`save` (validating every file it reads)."""
+        folder = Path(directory)
+        path = folder / GRID_FILE
+        doc = _read_json(path, GRID_SCHEMA_NAME)
+        pairs = doc.get("pairs")
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 3 and all(isinstance(v, int) for v in p[:2])
+            for p in pairs
+        ):
+            raise ResultFormatError(f"{path}: 'pairs' must be a list of [i, j, run_id]")
+        results = {}
+        for i, j, run_id in pairs:
+            result = CKAResult.load(folder / _checked_run_id(run_id, path))
+            results[i, j] = result
+        try:
+            return cls(
+                _field(doc, "models", list, path), results, _field(doc, "metadata", dict, path)
+            )
+        except (ShapeMismatchError, InvalidInputError) as err:
+            raise ResultFormatError(f"{path}: {err}") from err
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        local_dir: str | Path | None = None,
+    ) -> str:
+        """Publish every pair's run to the Hub dataset ``repo_id`` in ONE commit (the layout of
+        :meth:`CKAResult.push_to_hub`); :meth:`from_hub` reassembles the grid."""
+        from .result import DEFAULT_LOCAL_ROOT, _push_runs, validate_repo_id
+
+        validate_repo_id(repo_id)
+        local = self.save(local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self.grid_id)
+        return _push_runs(
+            [self.results[key] for key in sorted(self.results)],
+            repo_id,
+            local_copy=local,
+            private=private,
+            token=token,
+            commit_message=commit_message
+            or f"Add CKA grid {self.grid_id} ({len(self.models)} models)",
+            max_attempts=5,
+            backoff_s=1.0,
+        )
+
+    @classmethod
+    def from_hub(
+        cls,
+        repo_id: str,
+        grid_id: str | None = None,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+    ) -> GridResult:
+        """Reassemble a grid pushed with :meth:`push_to_hub` (default: the latest one)."""
+        from huggingface_hub import HfApi
+
+        from .result import _HubRuns
+
+        runs = _HubRuns.pin(HfApi(), repo_id, revision, token)
+        runs.checked_run_ids()
+        members: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        for record in runs.records():
+            info = record["metadata"].get(GRID_KEY)
+            if isinstance(info, dict) and isinstance(info.get("metadata"), dict):
+                members.setdefault(str(info["metadata"].get("grid_id")), []).append((info, record))
+        if not members or (grid_id is not None and grid_id not in members):
+            raise ResultFormatError(
+                f"{runs.source}: no grid {grid_id!r}; available grids: {sorted(members)}"
+            )
+        if grid_id is None:
+            grid_id = max(members, key=lambda g: str(members[g][0][0]["metadata"]["created_at"]))
+        pairs = members[grid_id]
+        info = pairs[0][0]
+        try:
+            return cls(
+                info["models"],
+                {(p["i"], p["j"]): runs.result(record) for p, record in pairs},
+                info["metadata"],
+            )
+        except (ShapeMismatchError, InvalidInputError, KeyError, TypeError) as err:
+            raise ResultFormatError(f"{runs.source}: grid {grid_id!r}: {err!r}") from err
+
+
+def run_grid(
+    sources: Sequence[ModelSource],
+    data: Any,
+    pooling: str,
+    options: RunOptions,
+    *,
+    shuffle_seed: int | None = None,
+    features: bool = False,
+    token: str | bool | None = None,
+) -> GridResult:
+    """Extract each model once (one in memory at a time; fingerprints are loaded) and combine
+    every pair ``i <= j``."""
+    from dataclasses import replace
+
+    if len(sources) < 2:
+        raise InvalidInputError(f"a grid needs at least 2 models, got {len(sources)}")
+    opts = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
+    stores = []
+    for source in sources:
+        reference = stores[0] if stores else None
+        store = fingerprint_model(source, data, pooling, opts, reference=reference, token=token)
+        if reference is None:
+            data = reference_data(store, data)
+            opts = replace(opts, shuffle_seed=store.settings.get("shuffle_seed"))
+        stores.append(store)
+    n = len(stores)
+    layers = [source.layers for source in sources]
+    results = {
+        (i, j): combine(
+            stores[i], stores[j], layers_a=layers[i], layers_b=layers[j], options=options
+        )
+        for i in range(n)
+        for j in range(i, n)
+    }
+    first = results[0, 1].metadata
+    keep = ("pooling", "estimator", "dataset", "dataset_config", "split", "n_samples",
+            "n_batches", "batch_size", "max_length", "shuffle_seed", "samples_digest",
+            "versions")  # fmt: skip
+    return GridResult(
+        models=[source.spec for source in sources],
+        results=results,
+        metadata={key: first.get(key) for key in keep},
+    )
