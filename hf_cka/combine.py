@@ -42,7 +42,8 @@ def extract_options(options: RunOptions, *, features: bool = False) -> ExtractOp
         if getattr(options, name) not in (None, RunOptions.__dataclass_fields__[name].default):
             raise InvalidInputError(
                 f"{name} is an option of the single-stream run, which a comparison with a "
-                f"fingerprint (or one model at a time) does not use; drop {name}"
+                f"fingerprint (or one model at a time) does not use; drop {name} (or, for a "
+                "drift, pass one_model_at_a_time=False / --all-models-at-once)"
             )
     return ExtractOptions(
         batch_size=options.batch_size,

@@ -25,6 +25,7 @@ from . import distributed
 from .combine import combine, extract_options, reference_data
 from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from .extract import ModelSource, fingerprint_model
+from .fingerprint import Fingerprint
 from .result import (
     SCHEMA_VERSION,
     CKAResult,
@@ -329,17 +330,25 @@ def run_grid(
     every pair ``i <= j``."""
     from dataclasses import replace
 
+    from .auto import _names_fingerprint
+
     if len(sources) < 2:
         raise InvalidInputError(f"a grid needs at least 2 models, got {len(sources)}")
     opts = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
-    stores = []
-    for source in sources:
-        reference = stores[0] if stores else None
-        store = fingerprint_model(source, data, pooling, opts, reference=reference, token=token)
+    # stored fingerprints first: they fix the batches, so a mismatch costs no forward pass
+    stored = [_names_fingerprint(s.spec, s.revision, token) for s in sources]
+    order = sorted(range(len(sources)), key=lambda index: not stored[index])
+    by_index: dict[int, Fingerprint] = {}
+    for index in order:
+        reference = by_index[order[0]] if by_index else None
+        store = fingerprint_model(
+            sources[index], data, pooling, opts, reference=reference, token=token
+        )
         if reference is None:
             data = reference_data(store, data)
             opts = replace(opts, shuffle_seed=store.settings.get("shuffle_seed"))
-        stores.append(store)
+        by_index[index] = store
+    stores = [by_index[index] for index in range(len(sources))]
     n = len(stores)
     layers = [source.layers for source in sources]
     results = {
