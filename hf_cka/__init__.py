@@ -12,6 +12,8 @@ from . import functional
 from .auto import AutoCKA
 from .engine import CKA
 from .errors import HfCkaError
+from .fingerprint import Fingerprint
+from .grid import GridResult
 from .metric import MinibatchCKA
 from .plotting import plot_cka_comparison, plot_cka_heatmap, plot_cka_trend, plot_drift
 from .result import CKAResult, DriftResult
@@ -23,6 +25,8 @@ __all__ = [
     "AutoCKA",
     "CKAResult",
     "DriftResult",
+    "Fingerprint",
+    "GridResult",
     "HfCkaError",
     "MinibatchCKA",
     "__version__",

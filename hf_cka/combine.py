@@ -103,10 +103,12 @@ def combine(
         accumulator(not same), [accumulator(True) for _ in range(options.null_permutations)]
     )
     minibatch = isinstance(accumulated.metric, MinibatchCKA)
-    side_a = a.batches(index_a) if minibatch else a.batch_features(index_a)
-    side_b = side_a if a is b and index_a == index_b else None
-    if side_b is None:
-        side_b = b.batches(index_b) if minibatch else b.batch_features(index_b)
+
+    def batches(store: Fingerprint, index: list[int]) -> list[Any]:
+        return store.batches(index) if minibatch else store.batch_features(index)
+
+    side_a = batches(a, index_a)
+    side_b = side_a if same else batches(b, index_b)
     for index, (x, y) in enumerate(zip(side_a, side_b, strict=True)):
         update = "update_from_distances" if minibatch else "update"
         getattr(accumulated.metric, update)(x, None if same else y, batch_index=index)
@@ -115,31 +117,31 @@ def combine(
             permuted = y[:, order][:, :, order] if minibatch else [f[order] for f in y]
             getattr(null, update)(x, permuted, batch_index=index)
     metric = accumulated.metric
+    stores = [a] if a is b else [a, b]
+    extraction_s = sum(float(store.metadata.get("wall_time_s") or 0.0) for store in stores)
     dtypes = a.model.get("dtype"), b.model.get("dtype")
     metadata = {
         **_side(a, "a"),
         **_side(b, "b"),
         "dtype": dtypes[0] if dtypes[0] == dtypes[1] else f"{dtypes[0]}/{dtypes[1]}",
-        "pooling": a.settings["pooling"],
+        "pooling": a.settings.get("pooling"),
         "estimator": ESTIMATOR_LABELS[options.estimator],
         **a.data,
         "n_samples": metric.n_samples,
         "n_batches": metric.n_batches,
         "num_processes": 1,
-        "batch_size": a.settings["batch_size"],
-        "max_length": a.settings["max_length"],
-        "shuffle_seed": a.settings["shuffle_seed"],
+        "batch_size": a.settings.get("batch_size"),
+        "max_length": a.settings.get("max_length"),
+        "shuffle_seed": a.settings.get("shuffle_seed"),
         "kernel": options.kernel,
         "threshold": options.threshold if options.kernel == "rbf" else None,
-        "sort_by_length": a.settings["sort_by_length"],
+        "sort_by_length": a.settings.get("sort_by_length"),
         "null_permutations": options.null_permutations,
         "target_stderr": None,
         "stopped_early": False,
         "samples_digest": a.samples_digest,
         "two_phase": True,
-        "wall_time_s": time.perf_counter()
-        - started
-        + sum(float(fp.metadata.get("wall_time_s") or 0.0) for fp in {id(a): a, id(b): b}.values()),
+        "wall_time_s": time.perf_counter() - started + extraction_s,
         "versions": _library_versions(),
     }
     return CKAResult(

@@ -285,7 +285,7 @@ def test_size_of_a_bert_base_fingerprint_on_the_probe_corpus(tmp_path: Path) -> 
     )
     folder = fingerprint.save(tmp_path / "bert-base")
     size = sum(path.stat().st_size for path in folder.iterdir())
-    assert size < 10 * 2**20, size
+    assert size < 1.1 * 2**20, size  # ~1 MB: the issue allows 10 MB
     assert Fingerprint.load(folder).distances.shape == (13, total)
 
 
