@@ -123,7 +123,7 @@ class AutoCKA:
         model's forward passes.
         """
         check_pooling(pooling)
-        loading = {
+        loading: dict[str, Any] = {
             "dtype": dtype,
             "device": device,
             "device_map": device_map,

@@ -181,7 +181,10 @@ class Side:
 
     @property
     def name(self) -> str:
-        return self.fingerprint.name if self.fingerprint is not None else self.loaded.name
+        if self.fingerprint is not None:
+            return self.fingerprint.name
+        assert self.loaded is not None
+        return self.loaded.name
 
     def store(
         self,
@@ -289,10 +292,9 @@ class TwoPhaseCKA(AutoCKA):
         self.side_a, self.side_b = side_a, side_b if side_b is not None else side_a
         self.pooling = pooling
         self.layers_a, self.layers_b = self.side_a.layers, self.side_b.layers
-        self.model_a = side_a.loaded if side_a.loaded is not None else side_a.fingerprint
-        self.model_b = (
-            self.side_b.loaded if self.side_b.loaded is not None else (self.side_b.fingerprint)
-        )
+        # a stored side holds a Fingerprint where AutoCKA holds a LoadedModel
+        self.model_a = side_a.loaded or side_a.fingerprint  # type: ignore[assignment]
+        self.model_b = self.side_b.loaded or self.side_b.fingerprint  # type: ignore[assignment]
         self.same_model = self.side_b is self.side_a
         self._token = token
 
@@ -355,9 +357,9 @@ class TwoPhaseCKA(AutoCKA):
         """Pooled features of one side: extracted for a model, stored for a fingerprint."""
         side = self.side_a if model == "a" else self.side_b
         if side.fingerprint is None:
-            return AutoCKA(
-                side.loaded, layers_a=side.layers, pooling=self.pooling
-            ).extract_features(data, **options)
+            assert side.loaded is not None
+            auto = AutoCKA(side.loaded, layers_a=side.layers, pooling=self.pooling)
+            return auto.extract_features(data, **options)
         indices = side.fingerprint.layer_indices(side.layers)
         rows = side.fingerprint.batch_features(indices)
         return {

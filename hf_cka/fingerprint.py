@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,7 @@ class Fingerprint:
             start += n
         return out
 
-    def layer_indices(self, layers: str | list[Any] = "auto") -> list[int]:
+    def layer_indices(self, layers: str | Sequence[Any] = "auto") -> list[int]:
         """Indices of ``layers`` (``"auto"``: all; else stored names or integer indices).
 
         Raises:

@@ -312,3 +312,16 @@ def test_push_is_one_commit_and_the_hub_repo_stands_in_for_a_model(
     assert dict(forwards_by_name) == {saved("gpt2"): 8}
     expected = AutoCKA.from_pretrained(bert_print, saved("gpt2")).compare(TEXTS, **OPTIONS)
     assert torch.equal(result.matrix, expected.matrix)
+
+
+def test_extract_features_reads_a_stored_side(saved, tmp_path: Path) -> None:
+    stored = AutoCKA.fingerprint(saved("bert"), TEXTS, features=True, **OPTIONS)
+    stored.save(tmp_path / "with-features")
+    auto = AutoCKA.from_pretrained(str(tmp_path / "with-features"), saved("gpt2"))
+    features = auto.extract_features(model="a")
+    assert list(features) == stored.layers
+    for layer, rows in features.items():
+        assert torch.equal(rows, stored.features[layer])
+    direct = AutoCKA.from_pretrained(saved("gpt2")).extract_features(TEXTS, batch_size=6)
+    extracted = auto.extract_features(TEXTS, model="b", batch_size=6)
+    assert all(torch.equal(extracted[k], direct[k]) for k in direct)
