@@ -1,13 +1,14 @@
-"""Exception types meaning "the Hub could not be reached", whichever HTTP client is in use."""
+"""Talking to the Hub: network error types, tokens cleaned on input and scrubbed from messages."""
 
 from __future__ import annotations
 
+from huggingface_hub import get_token
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 try:
-    from httpx2 import TransportError
+    from httpx2 import LocalProtocolError, TransportError
 except ImportError:  # huggingface_hub < 2 speaks httpx
-    from httpx import TransportError
+    from httpx import LocalProtocolError, TransportError  # type: ignore[no-redef, import-not-found]
 
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     TransportError,
@@ -15,3 +16,37 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+"""Exception types meaning "the Hub could not be reached", whichever HTTP client is in use."""
+
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (OfflineModeIsEnabled, LocalProtocolError)
+"""Network errors that a retry cannot cure: offline mode, a request the client refuses to send
+(e.g. an illegal header value)."""
+
+MASK = "***"
+
+
+def clean_token(token: str | bool | None) -> str | bool | None:
+    """``token`` without surrounding whitespace (a token read from a file ends with a newline).
+
+    ``True``/``False``/``None`` keep their huggingface_hub meaning; an empty string is ``None``.
+    """
+    if not isinstance(token, str):
+        return token
+    return token.strip() or None
+
+
+def _forms(secret: str) -> list[str]:
+    """Every spelling of ``secret`` a message can hold: raw, stripped, repr- and bytes-escaped."""
+    forms = set()
+    for text in (secret, secret.strip()):
+        forms |= {text, repr(text)[1:-1], repr(text.encode("utf-8"))[2:-1]}
+    return sorted((form for form in forms if form), key=len, reverse=True)
+
+
+def scrub(text: str, token: str | bool | None = None) -> str:
+    """``text`` with ``token`` and the saved token, in every form, replaced by ``***``."""
+    for secret in (token if isinstance(token, str) else None, get_token()):
+        if secret and secret.strip():
+            for form in _forms(secret):
+                text = text.replace(form, MASK)
+    return text

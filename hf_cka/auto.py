@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
+from ._network import clean_token
 from .data import batch_samples, load_samples
 from .errors import (
     EstimatorWarning,
@@ -136,9 +137,9 @@ class AutoCKA:
             return TwoPhaseCKA.from_sources(
                 model_a, model_b, revision_a=revision_a, revision_b=revision_b,
                 layers_a=layers_a, layers_b=layers_b, pooling=pooling, part_a=part_a,
-                part_b=part_b, token=token, **loading,
+                part_b=part_b, token=clean_token(token), **loading,
             )  # fmt: skip
-        loader = ModelLoader(**loading, token=token)
+        loader = ModelLoader(**loading, token=clean_token(token))
         loaded_a = loader.load(model_a, revision_a)
         loaded_b = None if model_b is None else loader.load(model_b, revision_b)
         if loaded_b is None and loaded_a.base is not None:  # lone adapter: base vs adapted
@@ -297,15 +298,16 @@ class AutoCKA:
                 for spec, rev in [(base, revision), *((c, None) for c in checkpoints)]
             ]
             results = drift_one_at_a_time(
-                sources[0], sources[1:], data, pooling, RunOptions(**compare_options), token
-            )
+                sources[0], sources[1:], data, pooling, RunOptions(**compare_options),
+                clean_token(token),
+            )  # fmt: skip
             return _drift_result(base, list(checkpoints), results)
         loader = ModelLoader(
             dtype=dtype,
             device=device,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
-            token=token,
+            token=clean_token(token),
         )
         base_model = loader.load(base, revision)
         comparisons = [
@@ -381,7 +383,9 @@ class AutoCKA:
             chunk_batches=chunk_batches, features=features, progress=progress,
         )  # fmt: skip
         source = ModelSource(model, revision, layers, part, loading)
-        return fingerprint_model(source, data, check_pooling(pooling), options, token=token)
+        return fingerprint_model(
+            source, data, check_pooling(pooling), options, token=clean_token(token)
+        )
 
     @classmethod
     def grid(
@@ -418,7 +422,7 @@ class AutoCKA:
         options = RunOptions(**compare_options)
         return run_grid(
             sources, data, check_pooling(pooling), options, shuffle_seed=shuffle_seed,
-            features=features, token=token,
+            features=features, token=clean_token(token),
         )  # fmt: skip
 
     def extract_features(

@@ -18,7 +18,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from markupsafe import Markup
 
 from hf_cka.errors import InvalidInputError
-from hf_cka.result import validate_repo_id, validate_run_id
+from hf_cka.storage import validate_repo_id, validate_run_id
 
 TEMPLATE_NAME = "dataset_card_template.md"
 CARD_TAGS = ["cka", "representational-similarity", "hf-cka"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from . import __version__, distributed
+from ._network import clean_token, scrub
 from .auto import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH
 from .data import MIN_BATCH
 from .errors import HfCkaError, InvalidInputError
@@ -218,6 +219,7 @@ def _add_loading(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--token",
+        type=clean_token,
         help="Hub token for private or gated repos (default: your saved login or HF_TOKEN);"
         " never printed or saved",
     )
@@ -580,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--private", action="store_true", help="make a newly created Hub dataset private"
     )
     push.add_argument(
-        "--token", help="Hub token (default: your saved login or HF_TOKEN); never printed"
+        "--token",
+        type=clean_token,
+        help="Hub token (default: your saved login or HF_TOKEN); never printed",
     )
     return parser
 
@@ -944,18 +948,14 @@ def _drift_summary(drift: Any, folder: Path, url: str | None) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
-
-
 def _fail(err: BaseException, args: argparse.Namespace) -> int:
     """Print ``err`` as one ``hf-cka: error:`` line (after the traceback with ``--debug``)."""
     token = getattr(args, "token", None)
     if args.debug:
-        sys.stderr.write(_scrub(traceback.format_exc(), token))
+        sys.stderr.write(scrub(traceback.format_exc(), token))
     message = " ".join(str(err).split()) or type(err).__name__
     where = "" if distributed.is_main_process() else f"[process {distributed.process_index()}] "
-    print(f"{PROG}: error: {where}{_scrub(message, token)}", file=sys.stderr)
+    print(f"{PROG}: error: {where}{scrub(message, token)}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -344,7 +344,7 @@ class TwoPhaseCKA(AutoCKA):
             "a comparison with a fingerprint has no model pair to stream; call compare()"
         )
 
-    def compare(self, data: Any = None, **options: Any) -> Any:  # type: ignore[override]
+    def compare(self, data: Any = None, **options: Any) -> Any:
         """CKA over ``data`` (default: the data the fingerprint was made from); the options
         are those of :meth:`AutoCKA.compare` except ``callback``, ``target_stderr`` and
         ``checkpoint_dir``. Returns a ``CKAResult``."""

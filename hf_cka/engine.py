@@ -22,7 +22,7 @@ from .errors import EmptyDataError, InvalidInputError
 from .hooks import FeatureCapture
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
-from .pooling import check_pooling
+from .pooling import check_pooling, padding_mask
 
 Callback = Callable[[int, int, torch.Tensor], None]
 MIN_BATCH = 4
@@ -53,18 +53,21 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def model_inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor | None]:
-    """Split a batch into ``(args, kwargs, attention_mask)`` on ``device``.
+    """Split a batch into ``(args, kwargs, padding_mask)`` on ``device``.
 
     A tensor is the single positional input; for a tuple or list the first element is the input
     (the rest, e.g. labels, is dropped); a mapping is passed as keyword arguments, so the
-    ``attention_mask`` reaches the model -- and the pooling.
+    ``attention_mask`` reaches the model -- and the pooling: the third item is that mask on
+    ``device``, checked once here (:func:`~hf_cka.pooling.padding_mask`, before the move: no
+    host sync for a CPU batch), or ``None`` when it holds no padding.
     """
     move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     if isinstance(batch, torch.Tensor):
         return (move(batch),), {}, None
     if isinstance(batch, Mapping):
         kwargs = {k: move(v) for k, v in batch.items()}
-        return (), kwargs, kwargs.get("attention_mask")
+        padded = padding_mask(batch.get("attention_mask")) is not None
+        return (), kwargs, kwargs["attention_mask"] if padded else None
     if isinstance(batch, (tuple, list)) and batch:
         return (
             model_inputs(batch[0], device)

@@ -79,7 +79,16 @@ class ResultFormatError(HfCkaError, ValueError):
 
 
 class HubPushError(HfCkaError, OSError):
-    """Publishing a result to the Hub failed; the local copy is kept and named in the message."""
+    """Publishing a result to the Hub failed; the local copy is kept and named in the message.
+
+    Attributes:
+        repo_id: The dataset repository of the push.
+        local_path: The folder holding the saved result.
+    """
+
+    def __init__(self, message: str, *, repo_id: str = "", local_path: str = "") -> None:
+        super().__init__(message)
+        self.repo_id, self.local_path = repo_id, local_path
 
 
 class ConstantLayerWarning(UserWarning):
@@ -97,6 +106,27 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
         return ""
     quoted = [f"'{m}'" for m in matches]
     return " Did you mean " + (" or ".join(quoted) if len(quoted) < 3 else ", ".join(quoted)) + "?"
+
+
+# --- full-data similarity measures (hf_cka.measures) ---
+class FullDataMemoryError(MemoryBudgetError):
+    """A full-data measure would hold more pooled features than ``max_bytes`` allows."""
+
+
+# --- reading results from the Hub (hf_cka.hub)
+
+
+class HubReadError(HfCkaError, OSError):
+    """A Hub dataset of results could not be read: unknown repo or revision, no access, offline.
+
+    Attributes:
+        repo_id: The dataset repository.
+        revision: The revision asked for (None: the default branch).
+    """
+
+    def __init__(self, message: str, *, repo_id: str = "", revision: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id, self.revision = repo_id, revision
 
 
 # ------------------------------------------------------------ fingerprints (issue 15, helper F)

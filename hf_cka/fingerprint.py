@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from . import distributed
+from ._network import clean_token
 from .errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from .models import FINGERPRINT_FILE
 
@@ -313,20 +314,21 @@ class Fingerprint:
         """
         from huggingface_hub import CommitOperationAdd, HfApi
 
-        from .result import validate_repo_id
+        from .storage import validate_repo_id
 
         validate_repo_id(repo_id)
         if not distributed.is_main_process():
             return ""
         api = HfApi()
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
+        cleaned = clean_token(token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=cleaned)
         operations = [CommitOperationAdd(name, blob) for name, blob in self._files().items()]
         info = api.create_commit(
             repo_id,
             operations,
             commit_message=commit_message or f"Add the hf_cka fingerprint of {self.name}",
             repo_type="dataset",
-            token=token,
+            token=cleaned,
         )
         return info.commit_url
 
@@ -339,7 +341,7 @@ class Fingerprint:
 
         paths = {
             name: hf_hub_download(
-                repo_id, name, repo_type="dataset", revision=revision, token=token
+                repo_id, name, repo_type="dataset", revision=revision, token=clean_token(token)
             )
             for name in (FINGERPRINT_FILE, TENSORS_FILE)
         }

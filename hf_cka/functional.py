@@ -60,9 +60,9 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     x = as_features(x)
     sq_dist = squared_distances(x)
     sigma2 = threshold**2 * _median(sq_dist)
-    if sigma2 == 0:  # all samples identical: the kernel is constant, CKA is undefined
-        return torch.ones_like(sq_dist)
-    return torch.exp(-sq_dist / (2.0 * sigma2))
+    # all samples identical (sigma2 = 0): the kernel is constant, CKA is undefined; selected on
+    # the device, as an `if` would read sigma2 back to the host for every layer of every batch
+    return torch.where(sigma2 == 0, 1.0, torch.exp(-sq_dist / (2.0 * sigma2)))
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ The clustered plot uses the symmetric distance ``1 - (S + S^T) / 2``.
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,30 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed
+from . import storage
 from .combine import combine, extract_options, reference_data
 from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from .extract import ModelSource, fingerprint_model
 from .fingerprint import Fingerprint
-from .result import (
-    SCHEMA_VERSION,
-    CKAResult,
-    _atomic_directory,
-    _checked_run_id,
-    _field,
-    _json_text,
-    _read_json,
-    _utc_now,
-    new_run_id,
-    validate_run_id,
-)
+from .hub import HubRuns
+from .result import CKAResult
 from .runner import RunOptions
+from .storage import GRID_FILE, GRID_PLOT_FILE, SCHEMA_VERSION
+from .stored import Stored
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GRID_SCHEMA_NAME = "hf_cka.GridResult"
-GRID_FILE = "grid.json"
 GRID_KEY = "grid"  # metadata key recording a result's membership of a GridResult
 
 
@@ -72,7 +62,7 @@ def model_summary(matrix: torch.Tensor) -> float:
 
 
 @dataclass(eq=False, repr=False)
-class GridResult:
+class GridResult(Stored):
     """CKA between every pair of N models.
 
     Attributes:
@@ -95,8 +85,9 @@ class GridResult:
                 f"({len(expected)}), got {sorted(self.results)}"
             )
         self.metadata = dict(self.metadata)
-        self.metadata["grid_id"] = validate_run_id(self.metadata.get("grid_id") or new_run_id("g"))
-        self.metadata.setdefault("created_at", _utc_now())
+        grid_id = self.metadata.get("grid_id") or storage.new_run_id("g")
+        self.metadata["grid_id"] = storage.validate_run_id(grid_id)
+        self.metadata.setdefault("created_at", storage.utc_now())
         for (i, j), result in self.results.items():
             result.metadata[GRID_KEY] = {
                 "models": self.models,
@@ -191,30 +182,29 @@ class GridResult:
         top.set_title("CKA grid: models clustered by mean best-layer CKA")
         return fig, (top, ax)
 
-    # ----------------------------------------------------------------------- files
-    def save(self, directory: str | Path) -> Path:
-        """Write ``grid.json``, ``grid.png`` and one result folder per pair (``<run_id>/``)."""
-        target = Path(directory)
-        if not distributed.is_main_process():
-            return target
-        document = _json_text(
+    # ----------------------------------------------------------------------- files and Hub
+
+    _ID_KEY = "grid_id"
+    _KIND = "grid"
+
+    def _write(self, folder: Path) -> None:
+        """``grid.json``, ``grid.png`` and one result folder per pair, named by its run id."""
+        pairs = sorted(self.results.items())
+        document = storage.json_text(
             {
                 "schema": GRID_SCHEMA_NAME,
                 "schema_version": SCHEMA_VERSION,
                 "models": self.models,
-                "pairs": [[i, j, r.run_id] for (i, j), r in sorted(self.results.items())],
+                "pairs": [[i, j, result.run_id] for (i, j), result in pairs],
+                "folders": [result.run_id for _, result in pairs],
                 "metadata": self.metadata,
             },
             "metadata",
         )
-        if (target / GRID_FILE).is_file():  # an earlier grid: replaced as a whole
-            shutil.rmtree(target)
-        with _atomic_directory(target) as staging:
-            for result in self.results.values():
-                result.save(staging / result.run_id)
-            (staging / "grid.png").write_bytes(self._png())
-            (staging / GRID_FILE).write_text(document, encoding="utf-8")
-        return target
+        for _, result in pairs:
+            result._write(folder / result.run_id)
+        (folder / GRID_PLOT_FILE).write_bytes(self._png())
+        (folder / GRID_FILE).write_text(document, encoding="utf-8")
 
     def _png(self) -> bytes:
         import matplotlib.pyplot as plt
@@ -228,11 +218,9 @@ class GridResult:
             plt.close(fig)
 
     @classmethod
-    def load(cls, directory: str | Path) -> GridResult:
-        """Load a grid written by :meth:`save` (validating every file it reads)."""
-        folder = Path(directory)
+    def _read(cls, folder: Path) -> GridResult:
         path = folder / GRID_FILE
-        doc = _read_json(path, GRID_SCHEMA_NAME)
+        doc = storage.read_json(path, GRID_SCHEMA_NAME)
         pairs = doc.get("pairs")
         if not isinstance(pairs, list) or not all(
             isinstance(p, list) and len(p) == 3 and all(isinstance(v, int) for v in p[:2])
@@ -241,41 +229,18 @@ class GridResult:
             raise ResultFormatError(f"{path}: 'pairs' must be a list of [i, j, run_id]")
         results = {}
         for i, j, run_id in pairs:
-            result = CKAResult.load(folder / _checked_run_id(run_id, path))
+            result = CKAResult.load(folder / storage.checked_run_id(run_id, path))
+            if result.run_id != run_id:
+                raise ResultFormatError(f"{folder / run_id}: holds run {result.run_id!r}")
             results[i, j] = result
         try:
-            return cls(
-                _field(doc, "models", list, path), results, _field(doc, "metadata", dict, path)
-            )
+            models = storage.field(doc, "models", list, path)
+            return cls(models, results, storage.field(doc, "metadata", dict, path))
         except (ShapeMismatchError, InvalidInputError) as err:
             raise ResultFormatError(f"{path}: {err}") from err
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str | None = None,
-        local_dir: str | Path | None = None,
-    ) -> str:
-        """Publish every pair's run to the Hub dataset ``repo_id`` in ONE commit (the layout of
-        :meth:`CKAResult.push_to_hub`); :meth:`from_hub` reassembles the grid."""
-        from .result import DEFAULT_LOCAL_ROOT, _push_runs, validate_repo_id
-
-        validate_repo_id(repo_id)
-        local = self.save(local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self.grid_id)
-        return _push_runs(
-            [self.results[key] for key in sorted(self.results)],
-            repo_id,
-            local_copy=local,
-            private=private,
-            token=token,
-            commit_message=commit_message
-            or f"Add CKA grid {self.grid_id} ({len(self.models)} models)",
-            max_attempts=5,
-            backoff_s=1.0,
-        )
+    def _runs(self) -> list[CKAResult]:
+        return [self.results[key] for key in sorted(self.results)]
 
     @classmethod
     def from_hub(
@@ -286,34 +251,43 @@ class GridResult:
         revision: str | None = None,
         token: str | None = None,
     ) -> GridResult:
-        """Reassemble a grid pushed with :meth:`push_to_hub` (default: the latest one)."""
-        from huggingface_hub import HfApi
+        """Reassemble a grid pushed with :meth:`push_to_hub` (default: the latest one).
 
-        from .result import _HubRuns
+        Raises:
+            HubReadError: no such repository or revision, no access, or the Hub unreachable.
+            ResultFormatError: the repository holds no grid, not the named one, an incomplete
+                one, or malformed files.
+        """
+        return cls._from_hub(repo_id, grid_id, revision, token)
 
-        runs = _HubRuns.pin(HfApi(), repo_id, revision, token)
-        runs.checked_run_ids()
-        members: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        for record in runs.records():
-            info = record["metadata"].get(GRID_KEY)
+    @classmethod
+    def _select(cls, runs: HubRuns, wanted: str | None) -> GridResult:
+        members: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        for entry in runs.summaries():
+            info = entry["metadata"].get(GRID_KEY)
             if isinstance(info, dict) and isinstance(info.get("metadata"), dict):
-                members.setdefault(str(info["metadata"].get("grid_id")), []).append((info, record))
-        if not members or (grid_id is not None and grid_id not in members):
+                grid_id = str(info["metadata"].get("grid_id"))
+                members.setdefault(grid_id, []).append((info, entry["run_id"]))
+        if not members or (wanted is not None and wanted not in members):
             raise ResultFormatError(
-                f"{runs.source}: no grid {grid_id!r}; available grids: {sorted(members)}"
+                f"{runs.source}: no grid {wanted!r}; available grids: {sorted(members) or 'none'}"
             )
-        if grid_id is None:
-            grid_id = max(members, key=lambda g: str(members[g][0][0]["metadata"]["created_at"]))
-        pairs = members[grid_id]
-        info = pairs[0][0]
+        if wanted is None:
+            wanted = max(
+                members,
+                key=lambda g: (
+                    storage.created_key(members[g][0][0]["metadata"].get("created_at")),
+                    g,
+                ),
+            )
         try:
-            return cls(
-                info["models"],
-                {(p["i"], p["j"]): runs.result(record) for p, record in pairs},
-                info["metadata"],
-            )
+            results = {
+                (info["i"], info["j"]): CKAResult._from_hub_run(runs, run_id)
+                for info, run_id in members[wanted]
+            }
+            return cls(members[wanted][0][0]["models"], results, members[wanted][0][0]["metadata"])
         except (ShapeMismatchError, InvalidInputError, KeyError, TypeError) as err:
-            raise ResultFormatError(f"{runs.source}: grid {grid_id!r}: {err!r}") from err
+            raise ResultFormatError(f"{runs.source}: grid {wanted!r}: {err!r}") from err
 
 
 def run_grid(

@@ -50,7 +50,8 @@ def first_tensor(output: Any) -> torch.Tensor:
 class FeatureCapture:
     """Context manager that records pooled activations of ``layers`` of ``model``.
 
-    Set :attr:`attention_mask` and :attr:`active` around each forward pass; after it,
+    Set :attr:`attention_mask` (the batch's :func:`~hf_cka.pooling.padding_mask`: ``None``
+    when it holds no padding) and :attr:`active` around each forward pass; after it,
     :meth:`pop` returns the pooled ``(n, d)`` tensor of each layer (moved to ``device`` when
     given) and clears the store.
 
@@ -114,7 +115,7 @@ class FeatureCapture:
         if not self.active:  # another capture's forward on a shared module (adapter vs base)
             return
         with torch.no_grad():
-            pooled = pool(hidden.detach(), self.attention_mask, self.pooling)
+            pooled = pool(hidden.detach(), self.attention_mask, self.pooling, mask_checked=True)
             if self.device is not None:
                 pooled = pooled.to(self.device, non_blocking=True)
         self.features[spec] = pooled

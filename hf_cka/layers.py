@@ -15,29 +15,45 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import nn
 
 from .errors import InvalidInputError, LayerNotFoundError, suggest
 from .hooks import INPUT_SUFFIX, split_spec
 
-Part = Literal["encoder", "decoder"]
+Part = Literal["encoder", "decoder", "vision", "text"]
+PARTS: tuple[str, ...] = get_args(Part)
 LayerSpec = str | int
+
+# words of a module path (split at "." and "_") that mark a CLIP-style tower
+_TOWER_WORDS = {"vision": ("vision", "visual"), "text": ("text", "language")}
 
 
 def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
     """Module path of the transformer blocks of ``model``.
 
-    Picks the longest ``nn.ModuleList`` whose children all share one class; for models with both
-    an encoder and a decoder, lists under a ``decoder`` path are skipped unless
-    ``part="decoder"`` (and then only those are considered).
+    Picks the longest ``nn.ModuleList`` whose children all share one class, preferring lists
+    whose blocks contain an attention module when there are any (so a wav2vec2 model's
+    convolutional feature encoder never beats its transformer layers). Then, by ``part``:
+
+    * ``"vision"`` / ``"text"``: only lists inside that tower of a CLIP-style model (a path
+      word ``vision``/``visual``, or ``text``/``language``: ``vision_model.encoder.layers``),
+      or every list of a model that is itself such a tower (its ``config.model_type`` names
+      it: ``clip_vision_model``).
+    * ``"encoder"`` (default) / ``"decoder"``: for models with both an encoder and a decoder
+      (T5, Whisper), lists under a ``decoder`` path are skipped unless ``part="decoder"`` (and
+      then only those are considered). A model with both a vision and a text tower needs
+      ``part="vision"`` or ``part="text"``; a lone tower (``CLIPVisionModel``) takes either.
 
     Raises:
-        LayerNotFoundError: no such list exists; the message lists the top-level modules.
+        InvalidInputError: an unknown ``part``, a tower the model does not have, or
+            ``"encoder"``/``"decoder"`` for a model with two towers.
+        LayerNotFoundError: no list of blocks exists; the message lists the top-level modules.
     """
-    if part not in ("encoder", "decoder"):
-        raise InvalidInputError(f"expected part 'encoder' or 'decoder', got {part!r}")
+    if part not in PARTS:
+        raise InvalidInputError(f"expected part in {PARTS}, got {part!r}")
+    label = type(model).__name__
     candidates = [
         (name, len(module))
         for name, module in model.named_modules()
@@ -45,6 +61,26 @@ def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
         and len(module) > 0
         and len({type(child) for child in module}) == 1
     ]
+    with_attention = [(n, k) for n, k in candidates if _has_attention(model.get_submodule(n))]
+    candidates = with_attention or candidates
+    towers = {
+        tower: [(n, k) for n, k in candidates if _names_tower(n, tower)] for tower in _TOWER_WORDS
+    }
+    if part in towers:
+        model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+        if not _names_tower(model_type, part):  # else the model is that tower (CLIPVisionModel)
+            candidates = towers[part]
+        if not candidates:
+            raise InvalidInputError(
+                f"found no {part} tower in {label} (no block list under a path naming "
+                f"{' or '.join(_TOWER_WORDS[part])}); use part='encoder' for single-stack models"
+            )
+    elif all(towers.values()):
+        raise InvalidInputError(
+            f"{label} has a vision and a text tower ({towers['vision'][0][0]}, "
+            f"{towers['text'][0][0]}); pass part='vision' or part='text' (part_a/part_b in "
+            f"compare) instead of {part!r}"
+        )
     is_decoder = lambda name: "decoder" in name.split(".")  # noqa: E731
     has_decoder = any(is_decoder(name) for name, _ in candidates)
     if has_decoder and any(not is_decoder(name) for name, _ in candidates):
@@ -52,11 +88,23 @@ def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
     if not candidates:
         children = [name for name, _ in model.named_children()]
         raise LayerNotFoundError(
-            f"found no list of transformer blocks in {type(model).__name__}; pass layer names "
+            f"found no list of transformer blocks in {label}; pass layer names "
             f"explicitly (top-level modules: {children})"
         )
     # longest list; among equals the outermost (shortest path), then the first registered
     return max(candidates, key=lambda item: (item[1], -item[0].count(".")))[0]
+
+
+def _has_attention(blocks: nn.Module) -> bool:
+    """Whether the first of ``blocks`` has a submodule named like ``attn`` or ``attention``."""
+    first = next(iter(blocks.children()))
+    words = (name.rsplit(".", 1)[-1].lower() for name, _ in first.named_modules())
+    return any("attn" in word or "attention" in word for word in words)
+
+
+def _names_tower(name: str, tower: str) -> bool:
+    """Whether a word of a module path or model type (split at ``.``/``_``) names ``tower``."""
+    return any(word in _TOWER_WORDS[tower] for word in re.split(r"[._]", name.lower()))
 
 
 def default_layers(model: nn.Module, part: Part = "encoder") -> list[str]:
@@ -116,14 +164,14 @@ def resolve_layers(
             )
         path, _ = split_spec(spec)
         if path not in modules or path == "":
-            raise LayerNotFoundError(_unknown_layer_message(path, modules, label))
+            raise LayerNotFoundError(_unknown_layer_message(path, modules, label, part))
         resolved.append(spec)
     if len(set(resolved)) != len(resolved):
         raise InvalidInputError(f"layers must be distinct, got {resolved}")
     return resolved
 
 
-def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str) -> str:
+def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str, part: Part) -> str:
     names = [name for name in modules if name]
     hint = ""
     match = re.fullmatch(r"(.+)\.(\d+)", path)
@@ -131,9 +179,9 @@ def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str)
         size = len(modules[match.group(1)])
         hint = f" Did you mean '{match.group(1)}.{size - 1}'? ({match.group(1)} has {size} blocks)"
     try:
-        blocks = find_blocks(modules[""]) if "" in modules else None
+        blocks = find_blocks(modules[""], part) if "" in modules else None
         count = f" ({len(modules[blocks])} blocks)" if blocks else ""
-    except LayerNotFoundError:
+    except (LayerNotFoundError, InvalidInputError):
         count = ""
     return (
         f"layer '{path}' not found in {label}{count}; expected a module path from "

@@ -191,7 +191,7 @@ class MinibatchCKA:
                     f"model A gave {n} samples in this batch and model B {u_b[0].shape[-1]}; both "
                     "sides must describe the same samples"
                 )
-        self._accumulate(u_a, u_b, n)
+        self._accumulate(u_a, u_b, n, where)
 
     def update_from_distances(
         self,
@@ -209,24 +209,24 @@ class MinibatchCKA:
         """
         check_sides(self, distances_b)
         where = self.n_batches if batch_index is None else batch_index
-        sides = [(distances_a, self.num_layers_a, self.layer_names_a)]
+        sides = [(distances_a, self.num_layers_a)]
         if distances_b is not None:
-            sides.append((distances_b, self.num_layers_b, self.layer_names_b))
+            sides.append((distances_b, self.num_layers_b))
         centred = []
-        for distances, num_layers, names in sides:
+        for distances, num_layers in sides:
             if distances.dim() != 3 or distances.shape[0] != num_layers:
                 raise ShapeMismatchError(
                     f"expected ({num_layers}, n, n) squared distances, got {tuple(distances.shape)}"
                 )
             k = gram_from_distances(distances, self.kernel, self.threshold)
-            centred.append(self._centred(k, names, where))
+            centred.append(self._centred(k))
         n = distances_a.shape[-1]
         if distances_b is not None and distances_b.shape[-1] != n:
             raise ShapeMismatchError(
                 f"side A has {n} samples in this batch and side B {distances_b.shape[-1]}; both "
                 "sides must describe the same samples"
             )
-        self._accumulate(centred[0], centred[-1], n)
+        self._accumulate(centred[0], centred[-1], n, where)
 
     def _u_centered(
         self,
@@ -236,19 +236,20 @@ class MinibatchCKA:
         side: str,
         batch_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """U-centred Gram matrices ``(L, n, n)`` and the raw off-diagonal Gram energies ``(L,)``."""
+        """U-centred Gram matrices ``(L, n, n)`` and per-layer ``(2, L)`` probes: the raw
+        off-diagonal Gram energies and the Gram traces ``sum_i K_ii`` (a NaN or Inf activation
+        of sample ``i`` reaches ``K_ii = ||x_i||^2``). Nothing is read back to the host here."""
         feats = validated_features(
             features, num_layers, names, side, batch_index, check_finite=False
         )
-        return self._centred(self._grams(feats), names, batch_index)
+        return self._centred(self._grams(feats))
 
-    def _centred(
-        self, k: torch.Tensor, names: list[str], batch_index: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U(K)`` of ``(L, n, n)`` Gram matrices and their raw off-diagonal energies."""
-        # a NaN or Inf activation of sample i reaches K_ii = ||x_i||^2: one cheap check
-        check_finite_layers(k.diagonal(dim1=-2, dim2=-1), names, batch_index)
-        return u_center_gram(k), _off_diagonal_energy(k)
+    @staticmethod
+    def _centred(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U(K)`` of ``(L, n, n)`` Gram matrices and their ``(2, L)`` probes (raw off-diagonal
+        energies and traces; see :meth:`_u_centered`)."""
+        trace = k.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return u_center_gram(k), torch.stack((_off_diagonal_energy(k), trace))
 
     def _grams(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """``(L, n, n)`` Gram matrices of column-centred features (one batched product when the
@@ -268,17 +269,30 @@ class MinibatchCKA:
         u_a: tuple[torch.Tensor, torch.Tensor],
         u_b: tuple[torch.Tensor, torch.Tensor],
         n: int,
+        batch_index: int,
     ) -> None:
-        """Add the batch's weighted HSIC terms and second moments to the states."""
-        (ua, raw_a), (ub, raw_e) = u_a, u_b
+        """Check the batch and add its weighted HSIC terms and second moments to the states.
+
+        The products run where the features are (a GPU stays busy); the HSIC terms and the
+        per-layer probes come home in ONE transfer, and finiteness is checked on that CPU copy.
+        """
+        (ua, probes_a), (ub, probes_b) = u_a, u_b
         scale = 1.0 / (n * (n - 3))
-        flat_a = ua.reshape(ua.shape[0], -1)
-        flat_b = flat_a if ub is ua else ub.reshape(ub.shape[0], -1).to(flat_a.device)
-        # the products run where the features are (a GPU stays busy); the small terms come home
-        c = (flat_a @ flat_b.T * scale).cpu()
-        a = ((flat_a * flat_a).sum(-1) * scale).cpu()
-        e = a if flat_b is flat_a else ((flat_b * flat_b).sum(-1) * scale).cpu()
-        raw_a, raw_e = raw_a.cpu(), raw_e.cpu()
+        la, lb = ua.shape[0], ub.shape[0]
+        same = ub is ua
+        flat_a = ua.reshape(la, -1)
+        flat_b = flat_a if same else ub.reshape(lb, -1).to(flat_a.device)
+        parts = [flat_a @ flat_b.T * scale, (flat_a * flat_a).sum(-1) * scale, probes_a]
+        if not same:
+            parts += [(flat_b * flat_b).sum(-1) * scale, probes_b.to(flat_a.device)]
+        sums = torch.cat([part.reshape(-1) for part in parts]).cpu()
+        sizes = [la * lb, la, 2 * la] + ([] if same else [lb, 2 * lb])
+        c, a, probes_a, *rest = sums.split(sizes)
+        (raw_a, trace_a), c = probes_a.view(2, la), c.view(la, lb)
+        check_finite_layers(trace_a, self.layer_names_a, batch_index)
+        e, (raw_e, trace_e) = (a, (raw_a, trace_a)) if same else (rest[0], rest[1].view(2, lb))
+        if not same:
+            check_finite_layers(trace_e, self.layer_names_b, batch_index)
         w = float(n)
         ww = w * w
         s = self.states

@@ -15,7 +15,8 @@ counts, whichever side it is on:
 
 Tensors with two dimensions are returned unchanged; tensors with four or more (convolutional
 maps) are flattened per sample, as in Kornblith et al. Pooling happens inside the forward hook,
-so only ``(batch, dim)`` tensors outlive the hook.
+so only ``(batch, dim)`` tensors outlive the hook. The mask is checked once per batch
+(:func:`padding_mask`), not once per layer: no hook reads a device tensor back to the host.
 """
 
 from __future__ import annotations
@@ -37,8 +38,37 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A batch's attention mask if it holds padding, ``None`` if it holds none, checked with ONE
+    host transfer (none for a mask on the CPU): call it once per batch, where the inputs are built,
+    and pass the result to :func:`pool` with ``mask_checked=True`` for every layer.
+
+    Raises:
+        ShapeMismatchError: the mask is not ``(batch, tokens)``.
+        InvalidInputError: a sample has no real token (an all-zero row).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ShapeMismatchError(
+            "expected an attention mask of shape (batch, tokens), got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask != 0
+    every_sample_has_a_token, no_padding = torch.stack((mask.any(dim=1).all(), mask.all())).tolist()
+    if not every_sample_has_a_token:
+        raise InvalidInputError(
+            "a sample has no real token (its attention mask is all zeros); drop empty texts"
+        )
+    return None if no_padding else attention_mask
+
+
 def pool(
-    hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, pooling: str = "mean"
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pooling: str = "mean",
+    *,
+    mask_checked: bool = False,
 ) -> torch.Tensor:
     """Pool ``hidden`` to one row per sample (or per real token for ``"tokens"``).
 
@@ -48,6 +78,8 @@ def pool(
             A mask whose length differs from ``tokens`` (a layer that adds or drops positions)
             is ignored only when it holds no padding; otherwise a ShapeMismatchError is raised.
         pooling: one of :data:`POOLINGS`.
+        mask_checked: ``attention_mask`` comes from :func:`padding_mask` (``None`` or a mask with
+            padding and a real token in every row), so no check reads it back to the host.
 
     Returns:
         The pooled features, same dtype and device as ``hidden`` except ``max``/``mean`` which
@@ -58,20 +90,18 @@ def pool(
         return hidden if hidden.dim() == 2 else hidden[:, None]
     if hidden.dim() > 3:
         return hidden.reshape(hidden.shape[0], -1)
-    mask = _token_mask(hidden, attention_mask)
+    mask = _token_mask(hidden, attention_mask, mask_checked)
     if pooling == "flatten":
-        if mask is not None and not bool(mask.all()):
+        if mask is not None:
             raise InvalidInputError(
                 "pooling='flatten' would mix padding into the features; use pooling='mean' "
                 "(or 'last', 'max', 'first') for padded text"
             )
         return hidden.reshape(hidden.shape[0], -1)
     if mask is None:
+        if pooling == "tokens":  # no boolean indexing: its output size would need a host sync
+            return hidden.reshape(-1, hidden.shape[-1])
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    if not bool(mask.any(dim=1).all()):
-        raise InvalidInputError(
-            "a sample has no real token (its attention mask is all zeros); drop empty texts"
-        )
     if pooling == "mean":  # summed in float32 at least, so long fp16 sequences cannot overflow
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         weights = mask.to(dtype)[..., None]
@@ -89,21 +119,25 @@ def pool(
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.to(hidden.device)]
 
 
-def _token_mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The boolean ``(batch, tokens)`` mask matching ``hidden``, or None for 'no padding'."""
+def _token_mask(
+    hidden: torch.Tensor, attention_mask: torch.Tensor | None, checked: bool
+) -> torch.Tensor | None:
+    """The boolean ``(batch, tokens)`` padding mask matching ``hidden``, or None for 'no padding'
+    (``checked``: ``attention_mask`` comes from :func:`padding_mask`)."""
     if attention_mask is None:
         return None
-    mask = attention_mask.to(device=hidden.device) != 0
-    if mask.dim() != 2 or mask.shape[0] != hidden.shape[0]:
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != hidden.shape[0]:
         raise ShapeMismatchError(
             f"expected an attention mask of shape (batch={hidden.shape[0]}, tokens), got "
             f"{tuple(attention_mask.shape)}"
         )
-    if mask.shape[1] != hidden.shape[1]:
-        if bool(mask.all()):
+    if not checked:
+        attention_mask = padding_mask(attention_mask)
+        if attention_mask is None:
             return None
+    if attention_mask.shape[1] != hidden.shape[1]:
         raise ShapeMismatchError(
-            f"the attention mask covers {mask.shape[1]} tokens but the layer output has "
+            f"the attention mask covers {attention_mask.shape[1]} tokens but the layer output has "
             f"{hidden.shape[1]}; select layers whose outputs are aligned with the input tokens"
         )
-    return mask
+    return attention_mask.to(device=hidden.device) != 0

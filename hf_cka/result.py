@@ -1,62 +1,55 @@
-"""CKA results with provenance: save/load, tables, plots and Hub datasets.
+"""CKA results with provenance: the result classes, their tables and plots.
 
 A :class:`CKAResult` is one *run*: the ``(La, Lb)`` CKA matrix between the layers of model A and
 model B, optional per-cell standard errors and permutation-null values, and free-form JSON
-metadata (revisions, commit shas, data, estimator, versions, ``run_id``, ``created_at``).
+metadata (revisions, commit shas, data, estimator, versions, ``run_id``, ``created_at``). A
+:class:`DriftResult` is a base model compared with ``k`` checkpoints.
 
 On disk a result is a folder with ``result.json`` (schema name and version, model names, layer
-names, metadata) and ``tensors.safetensors`` (``matrix`` and, when present, ``stderr`` and
-``null``, all float64). Nothing is pickled. Folders are written to a temporary sibling and
-renamed into place, so an interrupted save never leaves a half-written result.
-
-On the Hub a repository of type ``dataset`` collects runs:
-
-- ``data/scores/<run_id>.parquet``: one row per layer pair (config ``scores``),
-- ``data/runs/<run_id>.parquet``: one row per run, layers and metadata as JSON (config ``runs``),
-- ``plots/<run_id>.png``: the heatmap,
-- ``README.md``: the dataset card listing every run.
-
-Both configs have one split, ``train``, holding the rows of every run, so that a second push
-adds a run and ``datasets.load_dataset(repo_id, "scores")`` returns all of them.
+names, metadata, sha256 of the tensors) and ``tensors.safetensors`` (``matrix`` and, when
+present, ``stderr`` and ``null``, all float64); a drift is ``drift.json`` and one such folder per
+checkpoint (``01-<checkpoint>/``, ...). See :mod:`hf_cka.storage` for the atomic writes and
+:mod:`hf_cka.hub` for the layout of a Hub dataset of runs. Both classes share one save, load,
+push and pull path (:class:`Stored`).
 """
 
 from __future__ import annotations
 
 import io
-import json
-import logging
 import math
-import random
-import re
-import secrets
-import shutil
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from hf_cka import distributed
-from hf_cka._network import NETWORK_ERRORS
-from hf_cka.errors import (
-    HubPushError,
-    InvalidInputError,
-    ResultFormatError,
-    ShapeMismatchError,
-    suggest,
+from hf_cka import storage
+from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
+from hf_cka.hub import HubRun, HubRuns
+from hf_cka.storage import (
+    DEFAULT_LOCAL_ROOT,
+    DRIFT_FILE,
+    DRIFT_SCHEMA_NAME,
+    OPTIONAL_TENSORS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    json_text,
+    new_run_id,
+    utc_now,
+    validate_repo_id,
+    validate_run_id,
+)
+from hf_cka.stored import (
+    DRIFT_KEY,
+    Stored,
+    drift_info,
+    drift_run_ids,
+    pick_run,
+    run_record,
+    scores_table,
+    tensors_of,
 )
 
 if TYPE_CHECKING:
@@ -64,119 +57,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-logger = logging.getLogger(__name__)
-
-SCHEMA_NAME = "hf_cka.CKAResult"
-DRIFT_SCHEMA_NAME = "hf_cka.DriftResult"
-SCHEMA_VERSION = 1
-RESULT_FILE = "result.json"
-TENSORS_FILE = "tensors.safetensors"
-DRIFT_FILE = "drift.json"
-DEFAULT_LOCAL_ROOT = Path("cka-results")
-DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftResult
-
-_RUN_ID = re.compile(r"[A-Za-z]\w{0,63}", re.ASCII)
-_RESERVED_RUN_IDS = frozenset({"all"})  # a reserved split name in datasets
-_OPTIONAL_TENSORS = ("stderr", "null")
-_RUNS_FILE = re.compile(r"data/runs/([^/]+)\.parquet")
-_CONFLICT_STATUS = frozenset({409, 412})
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-SCORES_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("model_a", pa.string()),
-        ("model_b", pa.string()),
-        ("layer_a", pa.string()),
-        ("layer_b", pa.string()),
-        ("index_a", pa.int64()),
-        ("index_b", pa.int64()),
-        ("cka", pa.float64()),
-        ("stderr", pa.float64()),
-        ("null", pa.float64()),
-    ]
-)
-RUNS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("model_a", pa.string()),
-        ("model_b", pa.string()),
-        ("created_at", pa.string()),
-        ("num_layers_a", pa.int64()),
-        ("num_layers_b", pa.int64()),
-        ("has_stderr", pa.bool_()),
-        ("has_null", pa.bool_()),
-        ("schema_version", pa.int64()),
-        ("layers_a_json", pa.string()),
-        ("layers_b_json", pa.string()),
-        ("metadata_json", pa.string()),
-    ]
-)
-
-
-# --------------------------------------------------------------------------- identifiers
-
-
-def new_run_id(prefix: str = "r") -> str:
-    """A fresh run id: ``prefix`` + UTC timestamp + random suffix, e.g. ``r20261128T174455Z_3f9a``.
-
-    The id is a valid ``datasets`` split name and file name (``[A-Za-z]\\w*``).
-    """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return validate_run_id(f"{prefix}{stamp}_{secrets.token_hex(2)}")
-
-
-def validate_run_id(run_id: Any) -> str:
-    """Return ``run_id`` if it is a safe identifier, else raise.
-
-    A run id names files on disk and in Hub repositories, so it must match
-    ``^[A-Za-z]\\w{0,63}$`` (ASCII letters, digits, underscore; no path separators or dots)
-    and must not be ``all`` (reserved by ``datasets``).
-
-    Raises:
-        InvalidInputError: the id is not a string or does not match.
-    """
-    if (
-        not isinstance(run_id, str)
-        or not _RUN_ID.fullmatch(run_id)
-        or run_id.lower() in _RESERVED_RUN_IDS
-    ):
-        raise InvalidInputError(
-            f"invalid run id {run_id!r}: expected 1-64 ASCII letters, digits or underscores"
-            " starting with a letter (e.g. 'r20261128T174455Z_3f9a'), and not 'all'"
-        )
-    return run_id
-
-
-def validate_repo_id(repo_id: Any) -> str:
-    """Return ``repo_id`` if it is a valid Hub repository id (``name`` or ``namespace/name``).
-
-    Raises:
-        InvalidInputError: it is not.
-    """
-    if not isinstance(repo_id, str):
-        raise InvalidInputError(f"invalid repository id {repo_id!r}: expected a string")
-    try:
-        hf_validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise InvalidInputError(f"invalid repository id {repo_id!r}: {err}") from err
-    return repo_id
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _created_key(created_at: Any) -> datetime:
-    """Sort key of a ``created_at`` ISO string (naive means UTC; unparsable sorts first)."""
-    try:
-        moment = datetime.fromisoformat(str(created_at))
-    except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-# --------------------------------------------------------------------------- small helpers
+__all__ = ["DRIFT_FILE", "DEFAULT_LOCAL_ROOT", "CKAResult", "DriftResult", "new_run_id",
+           "validate_repo_id", "validate_run_id"]  # fmt: skip
 
 
 def _as_float64(value: Any, name: str) -> torch.Tensor:
@@ -188,147 +70,8 @@ def _as_float64(value: Any, name: str) -> torch.Tensor:
         raise InvalidInputError(f"{name} must be a numeric tensor or array; got {value!r}") from err
 
 
-def _json_text(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError) as err:
-        raise InvalidInputError(
-            f"{what} must be JSON-serialisable (str, numbers, bools, None, lists, dicts): {err}"
-        ) from err
-
-
-def _scrub(text: str, token: str | bool | None) -> str:
-    """``text`` with any known token replaced by ``***``."""
-    for secret in {token if isinstance(token, str) else None, get_token()}:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------- atomic folders
-
-
-def _holds_result(folder: Path) -> bool:
-    return (folder / RESULT_FILE).is_file() or (folder / DRIFT_FILE).is_file()
-
-
-def _local_copy(
-    result: CKAResult | DriftResult, local_dir: str | Path | None, default: Path
-) -> Path:
-    """The folder holding ``result`` before a push: ``local_dir`` as it is when it already holds
-    this very result (files saved beside it, such as a plot, stay), else a fresh save."""
-    if local_dir is not None:
-        folder = Path(local_dir)
-        try:
-            saved = type(result).load(folder) if _holds_result(folder) else None
-        except ResultFormatError:
-            saved = None
-        same = saved is not None and (
-            saved.run_id == result.run_id
-            if isinstance(result, CKAResult)
-            else saved.drift_id == result.drift_id
-        )
-        if same:
-            return folder
-    return result.save(local_dir if local_dir is not None else default)
-
-
-@contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target`` that replaces ``target`` on success.
-
-    ``target`` may be missing, an empty folder, or a folder holding an earlier result (which
-    is replaced). On any error the temporary folder is removed and ``target`` is untouched.
-
-    Raises:
-        InvalidInputError: ``target`` is a file, or a non-empty folder that holds no result.
-    """
-    if target.exists() and not target.is_dir():
-        raise InvalidInputError(f"cannot save a result to {target}: it exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not _holds_result(target):
-        raise InvalidInputError(
-            f"refusing to save into {target}: it is a non-empty folder that holds no hf_cka"
-            " result; choose a new or empty folder"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-    staging.mkdir()
-    try:
-        yield staging
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
-            target.rename(old)
-        try:
-            staging.rename(target)
-        except BaseException:
-            if old is not None:
-                old.rename(target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _read_json(path: Path, schema: str) -> dict[str, Any]:
-    """The document in ``path``, checked to be an object of ``schema`` at a known version."""
-    if not path.is_file():
-        raise ResultFormatError(f"{path}: file not found; expected a folder written by save()")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ResultFormatError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(doc, dict):
-        raise ResultFormatError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    if doc.get("schema") != schema:
-        raise ResultFormatError(f"{path}: expected schema {schema!r}, got {doc.get('schema')!r}")
-    version = doc.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
-        hint = (
-            " (written by a newer hf_cka: upgrade it)"
-            if isinstance(version, int) and (version > SCHEMA_VERSION)
-            else ""
-        )
-        raise ResultFormatError(
-            f"{path}: unsupported schema_version {version!r}; this hf_cka reads version"
-            f" {SCHEMA_VERSION}{hint}"
-        )
-    return doc
-
-
-def _field(doc: Mapping[str, Any], key: str, kind: type, source: Any) -> Any:
-    """``doc[key]`` checked to be a ``kind`` (lists: of strings)."""
-    if key not in doc:
-        raise ResultFormatError(f"{source}: missing required key {key!r}")
-    value = doc[key]
-    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise ResultFormatError(
-            f"{source}: {key!r} must be {kind.__name__}, got {type(value).__name__}"
-        )
-    if kind is list and not all(isinstance(item, str) for item in value):
-        raise ResultFormatError(f"{source}: {key!r} must be a list of strings")
-    return value
-
-
-def _checked_run_id(run_id: Any, source: Any) -> str:
-    try:
-        return validate_run_id(run_id)
-    except InvalidInputError as err:
-        raise ResultFormatError(f"{source}: {err}") from err
-
-
-# --------------------------------------------------------------------------- CKAResult
-
-
 @dataclass(eq=False, repr=False)
-class CKAResult:
+class CKAResult(Stored):
     """One CKA run: the matrix between two models' layers, with provenance.
 
     Attributes:
@@ -366,7 +109,7 @@ class CKAResult:
             raise ShapeMismatchError(
                 f"matrix must be 2-D (layers_a, layers_b); got shape {tuple(self.matrix.shape)}"
             )
-        for name in ("matrix", *_OPTIONAL_TENSORS):
+        for name in ("matrix", *OPTIONAL_TENSORS):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -380,11 +123,11 @@ class CKAResult:
             setattr(self, name, value)
         self.metadata = dict(self.metadata)
         self.metadata["run_id"] = validate_run_id(self.metadata.get("run_id") or new_run_id())
-        self.metadata.setdefault("created_at", _utc_now())
+        self.metadata.setdefault("created_at", utc_now())
 
     def __repr__(self) -> str:
         extras = "".join(
-            f", {name}=True" for name in _OPTIONAL_TENSORS if getattr(self, name) is not None
+            f", {name}=True" for name in OPTIONAL_TENSORS if getattr(self, name) is not None
         )
         return (
             f"CKAResult(run_id={self.run_id!r}, model_a={self.model_a!r},"
@@ -412,26 +155,11 @@ class CKAResult:
 
     # ----------------------------------------------------------------------- files
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the result to ``directory`` atomically and return its path.
+    _ID_KEY = "run_id"
+    _KIND = "run"
 
-        ``directory`` is created (or replaced, if it holds an earlier result) by renaming a
-        fully written temporary sibling folder.
-
-        Raises:
-            InvalidInputError: ``directory`` is a file or a non-empty folder without a result,
-                or the metadata is not JSON-serialisable.
-        """
-        target = Path(directory)
-        if not distributed.is_main_process():  # every process holds the same result
-            return target
-        document = _json_text(self._document(), "metadata")
-        with _atomic_directory(target) as staging:
-            self._write(staging, document)
-        return target
-
-    def _document(self) -> dict[str, Any]:
-        return {
+    def _write(self, folder: Path) -> None:
+        document = {
             "schema": SCHEMA_NAME,
             "schema_version": SCHEMA_VERSION,
             "model_a": self.model_a,
@@ -440,39 +168,22 @@ class CKAResult:
             "layers_b": self.layers_b,
             "metadata": self.metadata,
         }
+        storage.write_result(folder, document, self._tensors())
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        names = ("matrix", *_OPTIONAL_TENSORS)
+        names = ("matrix", *OPTIONAL_TENSORS)
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def _write(self, folder: Path, document: str) -> None:
-        (folder / RESULT_FILE).write_text(document, encoding="utf-8")
-        tensors = {name: tensor.contiguous() for name, tensor in self._tensors().items()}
-        save_file(tensors, folder / TENSORS_FILE, metadata={"schema": SCHEMA_NAME})
-
     @classmethod
-    def load(cls, directory: str | Path) -> CKAResult:
-        """Load a result written by :meth:`save`, validating everything it reads.
-
-        Raises:
-            ResultFormatError: a file is missing or malformed; the message names the file and
-                what is wrong (schema, version, key, type, tensor dtype or shape).
-        """
-        folder = Path(directory)
-        path = folder / RESULT_FILE
-        doc = _read_json(path, SCHEMA_NAME)
-        layers_a = _field(doc, "layers_a", list, path)
-        layers_b = _field(doc, "layers_b", list, path)
-        metadata = _field(doc, "metadata", dict, path)
-        _checked_run_id(metadata.get("run_id"), path)
-        tensors = _read_tensors(folder / TENSORS_FILE, (len(layers_a), len(layers_b)))
+    def _read(cls, folder: Path) -> CKAResult:
+        doc, tensors = storage.read_result(folder)
         return cls(
             tensors["matrix"],
-            layers_a,
-            layers_b,
-            _field(doc, "model_a", str, path),
-            _field(doc, "model_b", str, path),
-            metadata,
+            doc["layers_a"],
+            doc["layers_b"],
+            doc["model_a"],
+            doc["model_b"],
+            doc["metadata"],
             tensors.get("stderr"),
             tensors.get("null"),
         )
@@ -494,44 +205,8 @@ class CKAResult:
         return datasets.Dataset(self._scores_table())
 
     def _scores_table(self) -> pa.Table:
-        rows, cols = self.shape
-        index_a = np.repeat(np.arange(rows, dtype=np.int64), cols)
-        index_b = np.tile(np.arange(cols, dtype=np.int64), rows)
-        missing = np.full(rows * cols, np.nan)
-
-        def flat(tensor: torch.Tensor | None) -> np.ndarray:
-            return missing if tensor is None else tensor.numpy().reshape(-1)
-
-        columns = {
-            "run_id": [self.run_id] * (rows * cols),
-            "model_a": [self.model_a] * (rows * cols),
-            "model_b": [self.model_b] * (rows * cols),
-            "layer_a": [self.layers_a[i] for i in index_a],
-            "layer_b": [self.layers_b[j] for j in index_b],
-            "index_a": index_a,
-            "index_b": index_b,
-            "cka": flat(self.matrix),
-            "stderr": flat(self.stderr),
-            "null": flat(self.null),
-        }
-        return pa.table(columns, schema=SCORES_SCHEMA)
-
-    def _run_record(self) -> dict[str, Any]:
-        """The row of this run in the ``runs`` table."""
-        return {
-            "run_id": self.run_id,
-            "model_a": self.model_a,
-            "model_b": self.model_b,
-            "created_at": str(self.metadata.get("created_at", "")),
-            "num_layers_a": len(self.layers_a),
-            "num_layers_b": len(self.layers_b),
-            "has_stderr": self.stderr is not None,
-            "has_null": self.null is not None,
-            "schema_version": SCHEMA_VERSION,
-            "layers_a_json": _json_text(self.layers_a, "layers_a"),
-            "layers_b_json": _json_text(self.layers_b, "layers_b"),
-            "metadata_json": _json_text(self.metadata, "metadata"),
-        }
+        return scores_table(self.run_id, self.model_a, self.model_b, self.layers_a,
+                            self.layers_b, self._tensors())  # fmt: skip
 
     def plot(self, **kwargs: Any) -> tuple[Figure, Axes]:
         """Heatmap via :func:`hf_cka.plotting.plot_cka_heatmap`; ``kwargs`` override defaults.
@@ -565,55 +240,17 @@ class CKAResult:
 
     # ----------------------------------------------------------------------- Hub
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str | None = None,
-        local_dir: str | Path | None = None,
-        max_attempts: int = 5,
-        backoff_s: float = 1.0,
-    ) -> str:
-        """Publish this run to the Hub dataset ``repo_id``, keeping the runs already there.
+    def _runs(self) -> list[CKAResult]:
+        return [self]
 
-        The result is first saved to ``local_dir`` (default ``./cka-results/<run_id>/``). Then
-        one commit adds ``data/scores/<run_id>.parquet``, ``data/runs/<run_id>.parquet``,
-        ``plots/<run_id>.png`` and a ``README.md`` listing every run of the repository. The
-        commit names the revision it was built on as its parent, so a concurrent push makes it
-        fail with a conflict; it is then rebuilt on the new head. Conflicts, HTTP 408/429/5xx
-        and network errors are retried up to ``max_attempts`` times, waiting
-        ``backoff_s * 2**k`` seconds (with jitter) before retry ``k + 1``.
+    def _hub_run(self) -> HubRun:
+        return HubRun(self._run_record(), self._scores_table(), self._heatmap_png())
 
-        Args:
-            repo_id: Dataset repository, created if missing.
-            private: Visibility of a newly created repository (None: the Hub default).
-            token: Hub token; None uses the saved login or ``HF_TOKEN``. Never written anywhere.
-            commit_message: Defaults to ``"Add CKA run <run_id>"``.
-            local_dir: Where to save the local copy.
-            max_attempts: Attempts before giving up.
-            backoff_s: Base wait between attempts, in seconds.
-
-        Returns:
-            The URL of the commit.
-
-        Raises:
-            InvalidInputError: ``repo_id`` is not a valid repository id (nothing is saved).
-            HubPushError: the push failed for good; the message names the local copy.
-        """
-        validate_repo_id(repo_id)
-        local = _local_copy(self, local_dir, DEFAULT_LOCAL_ROOT / self.run_id)
-        return _push_runs(
-            [self],
-            repo_id,
-            local_copy=local,
-            private=private,
-            token=token,
-            commit_message=commit_message or f"Add CKA run {self.run_id}",
-            max_attempts=max_attempts,
-            backoff_s=backoff_s,
-        )
+    def _run_record(self) -> dict[str, Any]:
+        """The row of this run in the ``runs`` table, plus its ``metadata``."""
+        present = set(self._tensors())
+        return run_record(self.run_id, self.model_a, self.model_b, self.layers_a, self.layers_b,
+                          self.metadata, present)  # fmt: skip
 
     @classmethod
     def from_hub(
@@ -630,291 +267,34 @@ class CKAResult:
             repo_id: Dataset repository.
             run_id: The run; None takes the latest by ``created_at``.
             revision: Branch, tag or commit of the repository (default branch if None).
-            token: Hub token.
+            token: Hub token (surrounding whitespace is ignored).
 
         Returns:
             The result, its matrix bit-identical to the one pushed.
 
         Raises:
+            HubReadError: no such repository or revision, no access, or the Hub is unreachable.
             ResultFormatError: the repository holds no run, not the named run (the message lists
                 the available ones), or malformed files.
         """
-        runs = _HubRuns.pin(HfApi(), repo_id, revision, token)
-        available = runs.checked_run_ids()
-        if run_id is None:
-            return runs.result(max(runs.records(), key=_newest))
-        validate_run_id(run_id)
-        if run_id not in available:
-            raise ResultFormatError(
-                f"{runs.source}: no run {run_id!r}; available runs: {', '.join(available)}."
-                + suggest(run_id, available)
-            )
-        return runs.result(runs.record(run_id))
-
-
-def _read_tensors(path: Path, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """The tensors of ``path``: float64 ``matrix`` and optional ``stderr``, ``null``."""
-    if not path.is_file():
-        raise ResultFormatError(f"{path}: file not found; expected a folder written by save()")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ResultFormatError(f"{path}: not a readable safetensors file ({err})") from err
-    if "matrix" not in tensors:
-        raise ResultFormatError(f"{path}: missing tensor 'matrix'")
-    if unknown := set(tensors) - {"matrix", *_OPTIONAL_TENSORS}:
-        raise ResultFormatError(f"{path}: unexpected tensors {sorted(unknown)}")
-    for name, tensor in tensors.items():
-        if tensor.dtype != torch.float64 or tuple(tensor.shape) != shape:
-            raise ResultFormatError(
-                f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected"
-                f" torch.float64 {shape} to match the layer lists in {RESULT_FILE}"
-            )
-    return tensors
-
-
-# --------------------------------------------------------------------------- Hub tables
-
-
-@dataclass
-class _HubRuns:
-    """The hf_cka runs of a Hub dataset at one pinned revision (reads only)."""
-
-    api: HfApi
-    repo_id: str
-    revision: str | None
-    token: str | bool | None
+        return cls._from_hub(repo_id, run_id, revision, token)
 
     @classmethod
-    def pin(
-        cls, api: HfApi, repo_id: str, revision: str | None, token: str | bool | None
-    ) -> _HubRuns:
-        """Resolve ``revision`` (default branch if None) to its commit so all reads agree."""
-        sha = api.dataset_info(repo_id, revision=revision, token=token).sha
-        return cls(api, repo_id, sha or revision, token)
+    def _select(cls, runs: HubRuns, wanted: str | None) -> CKAResult:
+        return cls._from_hub_run(runs, pick_run(runs, wanted))
 
-    @property
-    def source(self) -> str:
-        return f"{self.repo_id}@{self.revision or 'main'}"
-
-    def run_ids(self) -> list[str]:
-        """Ids of the runs (names of ``data/runs/<run_id>.parquet``), sorted."""
-        paths = self.api.list_repo_files(
-            self.repo_id, repo_type="dataset", revision=self.revision, token=self.token
-        )
-        found = (_RUNS_FILE.fullmatch(path) for path in paths)
-        return sorted(m.group(1) for m in found if m and _RUN_ID.fullmatch(m.group(1)))
-
-    def checked_run_ids(self) -> list[str]:
-        """:meth:`run_ids`, raising when there is none."""
-        if not (run_ids := self.run_ids()):
-            raise ResultFormatError(f"{self.source}: holds no hf_cka run (no data/runs/*.parquet)")
-        return run_ids
-
-    def table(self, path: str) -> pa.Table:
-        local = hf_hub_download(
-            self.repo_id, path, repo_type="dataset", revision=self.revision, token=self.token
-        )
-        try:
-            return pq.read_table(local)
-        except (pa.ArrowException, OSError) as err:
-            raise ResultFormatError(
-                f"{self.source}/{path}: not a readable parquet file ({err})"
-            ) from err
-
-    def record(self, run_id: str) -> dict[str, Any]:
-        """The validated ``runs`` row of ``run_id``, plus its decoded ``layers_a``,
-        ``layers_b`` and ``metadata``."""
-        path = f"data/runs/{run_id}.parquet"
-        table = self.table(path)
-        source = f"{self.source}/{path}"
-        if table.num_rows != 1:
-            raise ResultFormatError(f"{source}: expected one row, got {table.num_rows}")
-        record = table.to_pylist()[0]
-        for column in RUNS_SCHEMA:
-            kind = (
-                bool
-                if pa.types.is_boolean(column.type)
-                else int
-                if pa.types.is_integer(column.type)
-                else str
-            )
-            _field(record, column.name, kind, source)
-        if record["run_id"] != run_id:
-            raise ResultFormatError(
-                f"{source}: holds run {record['run_id']!r}, expected {run_id!r}"
-            )
-        if record["schema_version"] != SCHEMA_VERSION:
-            raise ResultFormatError(
-                f"{source}: unsupported schema_version {record['schema_version']}; this hf_cka"
-                f" reads version {SCHEMA_VERSION}"
-            )
-        record["layers_a"] = _decode_json(record, "layers_a_json", list, source)
-        record["layers_b"] = _decode_json(record, "layers_b_json", list, source)
-        record["metadata"] = _decode_json(record, "metadata_json", dict, source)
-        shape = (len(record["layers_a"]), len(record["layers_b"]))
-        if shape != (record["num_layers_a"], record["num_layers_b"]):
-            raise ResultFormatError(
-                f"{source}: layer lists of lengths {shape} disagree with num_layers_a/num_layers_b"
-            )
-        return record
-
-    def records(self) -> list[dict[str, Any]]:
-        """The records of every run."""
-        return [self.record(run_id) for run_id in self.run_ids()]
-
-    def result(self, record: Mapping[str, Any]) -> CKAResult:
-        """The result of a record, rebuilt from its ``scores`` file."""
-        path = f"data/scores/{record['run_id']}.parquet"
-        return _result_from_tables(record, self.table(path), f"{self.source}/{path}")
-
-
-def _newest(record: Mapping[str, Any]) -> tuple[datetime, str]:
-    """Sort key of runs records: ``created_at``, then ``run_id``."""
-    return _created_key(record["created_at"]), record["run_id"]
-
-
-def _decode_json(record: Mapping[str, Any], key: str, kind: type, source: str) -> Any:
-    try:
-        value = json.loads(record[key])
-    except json.JSONDecodeError as err:
-        raise ResultFormatError(f"{source}: column {key!r} is not valid JSON ({err})") from err
-    return _field({key: value}, key, kind, source)
-
-
-def _result_from_tables(record: Mapping[str, Any], scores: pa.Table, source: str) -> CKAResult:
-    """Rebuild a result from its decoded ``runs`` record and its ``scores`` table."""
-    shape = (record["num_layers_a"], record["num_layers_b"])
-    if missing := set(SCORES_SCHEMA.names) - set(scores.column_names):
-        raise ResultFormatError(f"{source}: missing columns {sorted(missing)}")
-    if scores.num_rows != shape[0] * shape[1]:
-        raise ResultFormatError(
-            f"{source}: {scores.num_rows} rows, expected {shape[0]} x {shape[1]} layer pairs"
-        )
-    try:
-        scores = scores.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
-    except pa.ArrowException as err:
-        raise ResultFormatError(f"{source}: columns of the wrong type ({err})") from err
-    index_a = scores.column("index_a").to_numpy()
-    index_b = scores.column("index_b").to_numpy()
-    in_range = (index_a >= 0) & (index_a < shape[0]) & (index_b >= 0) & (index_b < shape[1])
-    pairs = set(zip(index_a.tolist(), index_b.tolist(), strict=True))
-    if not in_range.all() or len(pairs) != scores.num_rows:
-        raise ResultFormatError(f"{source}: index_a/index_b do not cover each layer pair once")
-
-    def grid(column: str) -> torch.Tensor:
-        values = np.full(shape, np.nan)
-        values[index_a, index_b] = scores.column(column).to_numpy(zero_copy_only=False)
-        return torch.from_numpy(values)
-
-    return CKAResult(
-        grid("cka"),
-        record["layers_a"],
-        record["layers_b"],
-        record["model_a"],
-        record["model_b"],
-        record["metadata"],
-        grid("stderr") if record["has_stderr"] else None,
-        grid("null") if record["has_null"] else None,
-    )
-
-
-# --------------------------------------------------------------------------- pushing
-
-
-def _retry_reason(err: BaseException) -> str | None:
-    """Why ``err`` is worth retrying (a conflict or a transient failure), or None."""
-    if isinstance(err, HfHubHTTPError):
-        status = getattr(err.response, "status_code", None)
-        if status in _CONFLICT_STATUS:
-            return f"conflict with a concurrent push (HTTP {status})"
-        return f"HTTP {status}" if status in _TRANSIENT_STATUS else None
-    if isinstance(err, NETWORK_ERRORS):
-        return f"network error ({type(err).__name__})"
-    return None
-
-
-def _push_runs(
-    results: Sequence[CKAResult],
-    repo_id: str,
-    *,
-    local_copy: Path,
-    private: bool | None,
-    token: str | None,
-    commit_message: str,
-    max_attempts: int,
-    backoff_s: float,
-) -> str:
-    """Add ``results`` to the Hub dataset ``repo_id`` in one commit (see ``push_to_hub``).
-
-    Only the main process pushes (the others return ``""``): every process holds the result.
-    """
-    from hf_cka.cards import render_dataset_card
-
-    if not distributed.is_main_process():
-        return ""
-    if max_attempts < 1:
-        raise InvalidInputError(f"max_attempts must be >= 1; got {max_attempts}")
-    files: dict[str, bytes] = {}
-    new_records: dict[str, dict[str, Any]] = {}
-    for result in results:
-        record = result._run_record()
-        files[f"data/scores/{result.run_id}.parquet"] = _parquet_bytes(result._scores_table())
-        files[f"data/runs/{result.run_id}.parquet"] = _parquet_bytes(
-            pa.Table.from_pylist([record], schema=RUNS_SCHEMA)
-        )
-        files[f"plots/{result.run_id}.png"] = result._heatmap_png()
-        new_records[result.run_id] = {**record, "metadata": result.metadata}
-    api = HfApi()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            api.create_repo(
-                repo_id, repo_type="dataset", private=private, exist_ok=True, token=token
-            )
-            existing = _HubRuns.pin(api, repo_id, None, token)
-            records = {record["run_id"]: record for record in existing.records()}
-            records.update(new_records)
-            card = render_dataset_card(repo_id, list(records.values()))
-            operations = [CommitOperationAdd(path, data) for path, data in files.items()]
-            operations.append(CommitOperationAdd("README.md", str(card).encode("utf-8")))
-            info = api.create_commit(
-                repo_id,
-                operations,
-                commit_message=commit_message,
-                repo_type="dataset",
-                parent_commit=existing.revision,
-                token=token,
-            )
-            return info.commit_url
-        except (OSError, *NETWORK_ERRORS, ResultFormatError) as err:
-            failure = _scrub(f"{type(err).__name__}: {err}", token)
-            reason = _retry_reason(err)
-            if reason is None or attempt == max_attempts:
-                raise HubPushError(
-                    f"pushing {len(results)} run(s) to the Hub dataset {repo_id!r} failed after"
-                    f" {attempt} attempt(s): {failure}. The result is saved locally in"
-                    f" {local_copy.resolve()}; push it again later with"
-                    f" `hf-cka push {local_copy.resolve()} {repo_id}`."
-                ) from None
-            delay = min(backoff_s * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.5)
-            logger.warning(
-                "push to %s failed (%s); retrying in %.1fs (attempt %d/%d)",
-                repo_id,
-                reason,
-                delay,
-                attempt + 1,
-                max_attempts,
-            )
-            time.sleep(delay)
-
-
-# --------------------------------------------------------------------------- DriftResult
+    @classmethod
+    def _from_hub_run(cls, runs: HubRuns, run_id: str) -> CKAResult:
+        """Rebuild the run ``run_id`` from its validated ``runs`` record and ``scores`` table."""
+        record = runs.record(run_id)
+        grids = tensors_of(record, *runs.scores(run_id))
+        return cls(grids["cka"], record["layers_a"], record["layers_b"], record["model_a"],
+                   record["model_b"], record["metadata"], grids.get("stderr"),
+                   grids.get("null"))  # fmt: skip
 
 
 @dataclass(eq=False, repr=False)
-class DriftResult:
+class DriftResult(Stored):
     """A base model compared with ``k`` checkpoints, layer by layer.
 
     Attributes:
@@ -966,7 +346,7 @@ class DriftResult:
         self.metadata["drift_id"] = validate_run_id(
             self.metadata.get("drift_id") or new_run_id("d")
         )
-        self.metadata.setdefault("created_at", _utc_now())
+        self.metadata.setdefault("created_at", utc_now())
         for index, result in enumerate(self.results):
             result.metadata[DRIFT_KEY] = {
                 "base": self.base,
@@ -1000,9 +380,10 @@ class DriftResult:
     @property
     def stderr(self) -> torch.Tensor | None:
         """Standard errors of :attr:`similarity`, or None unless every result has them."""
-        if any(result.stderr is None for result in self.results):
+        stderrs = [result.stderr for result in self.results]
+        if any(stderr is None for stderr in stderrs):
             return None
-        return torch.stack([result.stderr.diagonal() for result in self.results], dim=1)
+        return torch.stack([stderr.diagonal() for stderr in stderrs if stderr is not None], dim=1)
 
     def to_pandas(self) -> pd.DataFrame:
         """Long table of :attr:`similarity`, one row per (checkpoint, layer).
@@ -1039,87 +420,44 @@ class DriftResult:
         options.update(kwargs)
         return plot_drift(self.similarity, self.layers, self.checkpoints, **options)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``drift.json`` and one result folder per checkpoint (``<run_id>/``) atomically.
+    # ----------------------------------------------------------------------- files and Hub
 
-        Raises:
-            InvalidInputError: as :meth:`CKAResult.save`.
-        """
-        target = Path(directory)
-        if not distributed.is_main_process():
-            return target
-        document = _json_text(
-            {
-                "schema": DRIFT_SCHEMA_NAME,
-                "schema_version": SCHEMA_VERSION,
-                "base": self.base,
-                "checkpoints": self.checkpoints,
-                "runs": [result.run_id for result in self.results],
-                "metadata": self.metadata,
-            },
-            "metadata",
-        )
-        with _atomic_directory(target) as staging:
-            for result in self.results:
-                result.save(staging / result.run_id)
-            (staging / DRIFT_FILE).write_text(document, encoding="utf-8")
-        return target
+    _ID_KEY = "drift_id"
+    _KIND = "drift"
+
+    def _write(self, folder: Path) -> None:
+        """``drift.json`` and one result folder per checkpoint, named by the checkpoint."""
+        folders = storage.checkpoint_folders(self.checkpoints)
+        document = {
+            "schema": DRIFT_SCHEMA_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "base": self.base,
+            "checkpoints": self.checkpoints,
+            "runs": [result.run_id for result in self.results],
+            "folders": folders,
+            "metadata": self.metadata,
+        }
+        text = json_text(document, "metadata")
+        for name, result in zip(folders, self.results, strict=True):
+            result._write(folder / name)
+        (folder / DRIFT_FILE).write_text(text, encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | Path) -> DriftResult:
-        """Load a drift written by :meth:`save`.
-
-        Raises:
-            ResultFormatError: ``drift.json`` or a result folder is missing or malformed.
-        """
-        folder = Path(directory)
-        path = folder / DRIFT_FILE
-        doc = _read_json(path, DRIFT_SCHEMA_NAME)
-        runs = [_checked_run_id(run_id, path) for run_id in _field(doc, "runs", list, path)]
-        results = [CKAResult.load(folder / run_id) for run_id in runs]
-        for run_id, result in zip(runs, results, strict=True):
+    def _read(cls, folder: Path) -> DriftResult:
+        doc, members = storage.read_drift(folder)
+        results = [CKAResult.load(folder / name) for name, _ in members]
+        for (name, run_id), result in zip(members, results, strict=True):
             if result.run_id != run_id:
                 raise ResultFormatError(
-                    f"{folder / run_id}: holds run {result.run_id!r}, expected {run_id!r}"
+                    f"{folder / name}: holds run {result.run_id!r}, expected {run_id!r}"
                 )
         try:
-            return cls(
-                _field(doc, "base", str, path),
-                _field(doc, "checkpoints", list, path),
-                results,
-                _field(doc, "metadata", dict, path),
-            )
+            return cls(doc["base"], doc["checkpoints"], results, doc["metadata"])
         except (ShapeMismatchError, InvalidInputError) as err:
-            raise ResultFormatError(f"{path}: {err}") from err
+            raise ResultFormatError(f"{folder / DRIFT_FILE}: {err}") from err
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str | None = None,
-        local_dir: str | Path | None = None,
-        max_attempts: int = 5,
-        backoff_s: float = 1.0,
-    ) -> str:
-        """Publish every checkpoint's run in one commit; see :meth:`CKAResult.push_to_hub`.
-
-        The local copy defaults to ``./cka-results/<drift_id>/``.
-        """
-        validate_repo_id(repo_id)
-        local = _local_copy(self, local_dir, DEFAULT_LOCAL_ROOT / self.drift_id)
-        return _push_runs(
-            self.results,
-            repo_id,
-            local_copy=local,
-            private=private,
-            token=token,
-            commit_message=commit_message
-            or f"Add CKA drift {self.drift_id} ({len(self.results)} runs)",
-            max_attempts=max_attempts,
-            backoff_s=backoff_s,
-        )
+    def _runs(self) -> list[CKAResult]:
+        return self.results
 
     @classmethod
     def from_hub(
@@ -1136,59 +474,29 @@ class DriftResult:
             repo_id: Dataset repository.
             drift_id: The drift; None takes the latest by its ``created_at``.
             revision: Branch, tag or commit of the repository (default branch if None).
-            token: Hub token.
+            token: Hub token (surrounding whitespace is ignored).
 
         Raises:
+            HubReadError: no such repository or revision, no access, or the Hub is unreachable.
             ResultFormatError: the repository holds no drift, not the named one (the message
                 lists the available ones), an incomplete one, or malformed files.
         """
-        runs = _HubRuns.pin(HfApi(), repo_id, revision, token)
-        runs.checked_run_ids()
-        members: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        for record in runs.records():
-            if (info := _drift_info(record)) is not None:
-                members.setdefault(info["metadata"]["drift_id"], []).append((info, record))
-        if not members:
-            raise ResultFormatError(f"{runs.source}: holds no drift (no run records one)")
-        if drift_id is None:
-            drift_id = max(
-                members,
-                key=lambda d: (_created_key(members[d][0][0]["metadata"].get("created_at")), d),
-            )
-        elif drift_id not in members:
+        return cls._from_hub(repo_id, drift_id, revision, token)
+
+    @classmethod
+    def _select(cls, runs: HubRuns, wanted: str | None) -> DriftResult:
+        wanted, run_ids = drift_run_ids(runs, wanted)
+        results = [CKAResult._from_hub_run(runs, run_id) for run_id in run_ids]
+        infos = [drift_info(result.metadata) for result in results]
+        info = infos[0]
+        if info is None or [i["index"] if i else None for i in infos] != list(
+            range(len(info["checkpoints"]))
+        ):
             raise ResultFormatError(
-                f"{runs.source}: no drift {drift_id!r}; available drifts: {', '.join(members)}."
-                + suggest(drift_id, members)
-            )
-        pairs = sorted(members[drift_id], key=lambda pair: pair[0]["index"])
-        info = pairs[0][0]
-        if [i["index"] for i, _ in pairs] != list(range(len(info["checkpoints"]))):
-            raise ResultFormatError(
-                f"{runs.source}: drift {drift_id!r} is incomplete: it has {len(pairs)} of its"
-                f" {len(info['checkpoints'])} checkpoint runs"
+                f"{runs.source}: drift {wanted!r} is incomplete: it has {len(results)} of its"
+                f" {len(info['checkpoints']) if info else '?'} checkpoint runs"
             )
         try:
-            return cls(
-                info["base"],
-                info["checkpoints"],
-                [runs.result(record) for _, record in pairs],
-                info["metadata"],
-            )
+            return cls(info["base"], info["checkpoints"], results, info["metadata"])
         except (ShapeMismatchError, InvalidInputError) as err:
-            raise ResultFormatError(f"{runs.source}: drift {drift_id!r}: {err}") from err
-
-
-def _drift_info(record: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The well-formed ``metadata["drift"]`` of a runs record, or None."""
-    info = record["metadata"].get(DRIFT_KEY)
-    if not isinstance(info, dict):
-        return None
-    meta = info.get("metadata")
-    well_formed = (
-        isinstance(info.get("base"), str)
-        and isinstance(info.get("checkpoints"), list)
-        and isinstance(info.get("index"), int)
-        and isinstance(meta, dict)
-        and isinstance(meta.get("drift_id"), str)
-    )
-    return info if well_formed else None
+            raise ResultFormatError(f"{runs.source}: drift {wanted!r}: {err}") from err

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import RunCheckpoint, fingerprint
+from .checkpoint import RunCheckpoint, fingerprint, model_identity
 from .data import batch_samples, collate, encode, lengths, load_samples, same_tokens
 from .engine import forward_features, input_device
 from .errors import InvalidInputError, TokenizerMismatchError
@@ -189,13 +189,15 @@ class Extractor:
         total = bounds[-1]
         order = sorted(range(total), key=lengths(encodings, self.loaded.modality).__getitem__)
         order.reverse()
+        # one index copy per chunk: a list index would be copied to the device for every layer
+        order_on_device = torch.tensor(order, device=self.capture.device)
         buffers: dict[str, torch.Tensor] = {}
         for start in range(0, total, batch_size):
             indices = order[start : start + batch_size]
             for spec, rows in self._forward(encodings, indices).items():
                 if spec not in buffers:
                     buffers[spec] = rows.new_empty((total, *rows.shape[1:]))
-                buffers[spec][indices] = rows
+                buffers[spec][order_on_device[start : start + batch_size]] = rows
         return [{k: v[s:e] for k, v in buffers.items()} for s, e in itertools.pairwise(bounds)]
 
 
@@ -308,11 +310,11 @@ def run_comparisons(
         for c in comparisons
     ]
     all_accumulators = [acc for item in accumulated for acc in item.accumulators()]
-    run_fingerprint = fingerprint(
+    run_fingerprint = "" if not options.checkpoint_dir else fingerprint(  # hashes weights
         {
             "models": [
-                (c.model_a.name, c.model_a.commit_sha, c.model_b.name, c.model_b.commit_sha,
-                 c.layers_a, c.layers_b) for c in comparisons
+                (c.model_a.name, model_identity(c.model_a), c.model_b.name,
+                 model_identity(c.model_b), c.layers_a, c.layers_b) for c in comparisons
             ],
             "pooling": pooling,
             "data": {k: v for k, v in data_info.items() if k != "size"},
@@ -393,7 +395,7 @@ def _update(
     )
     for draw, null in enumerate(item.nulls):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + draw)
-        order = torch.randperm(feats_b[0].shape[0], generator=generator)
+        order = torch.randperm(feats_b[0].shape[0], generator=generator).to(feats_b[0].device)
         null.update(feats_a, [f[order] for f in feats_b], batch_index=batch_index)
 
 

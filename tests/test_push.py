@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import CommitInfo, snapshot_download
 
-from hf_cka.errors import HubPushError, ResultFormatError
+from hf_cka._network import scrub
+from hf_cka.errors import HubPushError, HubReadError, ResultFormatError
 from hf_cka.result import CKAResult, DriftResult
 
 FAST = {"backoff_s": 0.01}
@@ -118,7 +120,7 @@ def test_conflict_is_rebuilt_on_the_new_head(hub, repo_id: str, tmp_path: Path, 
     first, second = make_result(11), make_result(12)
     first.push_to_hub(repo_id, local_dir=tmp_path / "first")
     hub.fail_next(1, 412, match=f"{repo_id}/commit/")  # as if another push just landed
-    with caplog.at_level("WARNING", logger="hf_cka.result"):
+    with caplog.at_level("WARNING", logger="hf_cka.hub"):
         second.push_to_hub(repo_id, local_dir=tmp_path / "second", **FAST)
     assert "conflict with a concurrent push (HTTP 412)" in caplog.text
     runs = datasets.load_dataset(repo_id, "runs", split="train")
@@ -193,3 +195,117 @@ def test_drift_pushes_all_checkpoints_in_one_commit(hub, repo_id: str, tmp_path:
             assert torch.equal(mine.matrix, theirs.matrix) and mine.metadata == theirs.metadata
     with pytest.raises(ResultFormatError, match=f"available drifts: {drift.drift_id}"):
         DriftResult.from_hub(repo_id, "d_missing")
+
+
+def downloads(hub, repo_id: str, since: int) -> int:
+    """File downloads (GET .../resolve/...) of ``repo_id`` recorded since request ``since``."""
+    return sum(r.method == "GET" and f"{repo_id}/resolve/" in r.path for r in hub.requests[since:])
+
+
+def test_push_and_latest_cost_the_same_at_run_2_and_run_20(hub, repo_id: str, tmp_path) -> None:
+    costs = {}
+    for seed in range(20):
+        start = len(hub.requests)
+        make_result(100 + seed, created_at=f"2026-01-01T00:00:{seed:02d}+00:00").push_to_hub(
+            repo_id, local_dir=tmp_path / str(seed))
+        costs[seed + 1] = downloads(hub, repo_id, start)
+    assert 1 <= costs[20] <= costs[2], costs  # the index, not every earlier run
+    start = len(hub.requests)
+    latest = CKAResult.from_hub(repo_id)
+    assert latest.model_b == "org/finetuned-119" and downloads(hub, repo_id, start) <= 3
+
+
+def test_a_repo_without_the_index_still_loads_and_gets_one(hub, repo_id: str, tmp_path) -> None:
+    from huggingface_hub import HfApi
+
+    old, new = make_result(21), make_result(22)
+    old.push_to_hub(repo_id, local_dir=tmp_path / "old")
+    HfApi().delete_file("hf_cka_index.json", repo_id, repo_type="dataset")  # as pushed before
+    assert_same(CKAResult.from_hub(repo_id), old)
+    new.push_to_hub(repo_id, local_dir=tmp_path / "new")
+    index = json.loads(repo_files(hub, repo_id)["hf_cka_index.json"])
+    assert sorted(index["runs"]) == sorted([old.run_id, new.run_id])
+    assert old.run_id.replace("_", r"\_") in repo_files(hub, repo_id)["README.md"].decode()
+    for garbage in (b"[1, 2]", b"{not json"):  # a damaged index is read around, not trusted
+        HfApi().upload_file(path_or_fileobj=garbage, path_in_repo="hf_cka_index.json",
+                            repo_id=repo_id, repo_type="dataset")
+        assert_same(CKAResult.from_hub(repo_id), new)
+
+
+def test_push_returns_the_commit_info(hub, repo_id: str, tmp_path: Path) -> None:
+    info = make_result(23).push_to_hub(repo_id, local_dir=tmp_path / "run")
+    assert isinstance(info, CommitInfo) and info.oid and info == info.commit_url
+
+
+def test_a_token_read_from_a_file_is_stripped_and_never_shown(
+    hub, repo_id: str, tmp_path: Path
+) -> None:
+    token = hub.token + "\n"  # as read from a file
+    result = make_result(24)
+    result.push_to_hub(repo_id, token=token, local_dir=tmp_path / "run")
+    assert_same(CKAResult.from_hub(repo_id, token=token), result)
+    hub.fail_next(1, 401, match=repo_id)
+    with pytest.raises(HubPushError) as caught:
+        result.push_to_hub(repo_id, token=token, local_dir=tmp_path / "run", **FAST)
+    message = str(caught.value)
+    assert "after 1 attempt" in message and "hf auth login" in message
+    assert "hf-cka push" not in message  # the advice is not the command that just failed
+    assert caught.value.local_path == str((tmp_path / "run").resolve())
+    assert caught.value.repo_id == repo_id
+
+
+@pytest.mark.parametrize("form", [str, repr, lambda t: repr(f"Bearer {t}".encode())])
+def test_scrub_removes_every_form_of_a_token(form) -> None:
+    token = "hf_secretsecret\n"
+    text = f"Illegal header value {form(token)} in request"
+    assert "secretsecret" not in scrub(text, token) and "***" in scrub(text, token)
+
+
+def test_offline_mode_is_not_retried(repo_id: str, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match=r"after 1 attempt.*unset HF_HUB_OFFLINE"):
+        make_result(25).push_to_hub(repo_id, local_dir=tmp_path / "run", **FAST)
+
+
+def test_from_hub_errors_are_typed_and_one_line(hub, repo_id: str, tmp_path: Path) -> None:
+    with pytest.raises(HubReadError, match="no dataset repo") as caught:
+        CKAResult.from_hub(f"{hub.user}/no-such-results")
+    assert isinstance(caught.value, OSError) and "\n" not in str(caught.value)
+    make_result(26).push_to_hub(repo_id, local_dir=tmp_path / "run")
+    with pytest.raises(HubReadError, match="revision 'v9' not found"):
+        CKAResult.from_hub(repo_id, revision="v9")
+    hub.fail_next(1, 403, match=repo_id)
+    with pytest.raises(HubReadError, match="HTTP 403"):
+        DriftResult.from_hub(repo_id)
+    empty = f"{hub.user}/empty-{uuid.uuid4().hex[:8]}"
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(empty, repo_type="dataset")
+    with pytest.raises(ResultFormatError, match="holds no hf_cka run.*push a result"):
+        CKAResult.from_hub(empty)
+
+
+def test_an_illegal_header_is_not_retried_and_not_shown(hub, repo_id: str, tmp_path: Path) -> None:
+    token = "hf_abc\ndefsecret"  # a newline inside: the HTTP client refuses the header
+    with pytest.raises(HubPushError, match=r"after 1 attempt.*malformed") as caught:
+        make_result(27).push_to_hub(repo_id, token=token, local_dir=tmp_path / "run", **FAST)
+    assert "defsecret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_entry_point_strips_the_token(hub, tmp_path: Path, saved) -> None:
+    from huggingface_hub import HfApi
+
+    from hf_cka import AutoCKA
+    from hf_cka.cli import build_parser
+
+    model = HfApi().create_repo(f"{hub.user}/tiny-{uuid.uuid4().hex[:8]}").repo_id
+    HfApi().upload_folder(repo_id=model, folder_path=saved("bert"))
+    start = len(hub.requests)
+    auto = AutoCKA.from_pretrained(model, token=hub.token + "\n")  # would be an illegal header
+    assert auto.model_a.commit_sha
+    sent = [r.headers.get("authorization") for r in hub.requests[start:]]
+    assert f"Bearer {hub.token}" in sent
+    args = build_parser().parse_args(["push", str(tmp_path), "org/x", "--token", " hf_x\n"])
+    assert args.token == "hf_x"

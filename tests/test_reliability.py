@@ -104,19 +104,6 @@ def interrupt_at(batch: int, fault: type[BaseException] = KeyboardInterrupt):
     return callback
 
 
-def batches_done(folder: Path) -> int | None:
-    """What the rank-0 checkpoint in ``folder`` records as done (None: no checkpoint yet)."""
-    info = folder / "rank0.json"
-    return json.loads(info.read_text())["batches_done"] if info.exists() else None
-
-
-def assert_same_run(got: CKAResult, expected: CKAResult, atol: float) -> None:
-    for name in ("matrix", "stderr"):
-        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=atol)
-    for key in ("n_samples", "n_batches"):
-        assert got.metadata[key] == expected.metadata[key], key
-
-
 def token_only_in(tokenizer, texts: list[str], index: int) -> int:
     """A token id that occurs in ``texts[index]`` and in no other text."""
     ids = [set(tokenizer(text)["input_ids"]) - set(tokenizer.all_special_ids) for text in texts]
@@ -239,67 +226,6 @@ def test_compare_runs_in_eval_mode_and_restores_train_mode(folders) -> None:
     assert modes(auto) == before
 
 
-def test_checkpoints_are_written_every_n_batches(auto: AutoCKA, tmp_path: Path) -> None:
-    seen: list[int | None] = []
-    run(auto, checkpoint_dir=str(tmp_path), checkpoint_every=2,
-        callback=lambda batch_idx, total, matrix: seen.append(batches_done(tmp_path)))
-    assert seen == [None, None, 2, 2, 4, 4]  # the callback runs before batch k's checkpoint
-    assert batches_done(tmp_path) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank0.safetensors"]
-
-
-@pytest.mark.parametrize(
-    ("sort_by_length", "atol"),
-    # with length sorting a resumed run regroups the padded forward batches, so the float32
-    # activations (not the samples of a CKA batch) differ by rounding
-    [(False, 0.0), (True, 1e-6)],
-)
-def test_resume_after_an_interrupt_or_a_kill_equals_an_uninterrupted_run(
-    auto: AutoCKA, tmp_path: Path, sort_by_length: bool, atol: float
-) -> None:
-    options = {"sort_by_length": sort_by_length, "checkpoint_every": 2}
-    reference = run(auto, sort_by_length=sort_by_length)
-    live, killed = tmp_path / "live", tmp_path / "killed"
-
-    def stop(batch_idx: int, total: int, matrix: torch.Tensor) -> None:
-        if batch_idx == 5:
-            shutil.copytree(live, killed)  # the disk as a kill -9 right now would leave it
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(auto, checkpoint_dir=str(live), callback=stop, **options)
-    assert (batches_done(live), batches_done(killed)) == (5, 4)
-    for folder in (live, killed):
-        assert_same_run(run(auto, checkpoint_dir=str(folder), **options), reference, atol)
-    assert_same_run(run(auto, checkpoint_dir=str(live), **options), reference, atol)  # finished
-
-
-def test_a_checkpoint_of_other_settings_or_damaged_is_refused(auto, tmp_path: Path) -> None:
-    folder = str(tmp_path)
-    run(auto, checkpoint_dir=folder, checkpoint_every=2)
-    with pytest.raises(ResultFormatError, match="same arguments") as caught:
-        run(auto, checkpoint_dir=folder, checkpoint_every=2, batch_size=6)
-    assert isinstance(caught.value, ValueError)
-    info, tensors = tmp_path / "rank0.json", tmp_path / "rank0.safetensors"
-    saved = info.read_text()
-    info.write_text('{"schema": "hf_cka.checkpoint/0"}')
-    with pytest.raises(ResultFormatError, match="delete the folder"):
-        run(auto, checkpoint_dir=folder)
-    info.write_text(saved)
-    tensors.write_bytes(tensors.read_bytes()[:40])  # a truncated file, as a full disk leaves it
-    with pytest.raises(ResultFormatError, match="unreadable"):
-        run(auto, checkpoint_dir=folder)
-
-
-def test_a_checkpoint_of_other_data_is_refused(auto: AutoCKA, tmp_path: Path) -> None:
-    """Same settings, same number of texts, other texts: resuming would return the old data's
-    matrix for the new data."""
-    other = probe_corpus()[100:124]
-    run(auto, checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    with pytest.raises(ResultFormatError):
-        run(auto, other, checkpoint_dir=str(tmp_path), checkpoint_every=2)
-
-
 def make_result(seed: int) -> CKAResult:
     gen = torch.Generator().manual_seed(seed)
     layers = ["h.0", "h.1", "h.2"]
@@ -315,7 +241,7 @@ def test_a_push_to_an_unreachable_hub_is_retried_then_keeps_the_local_copy(
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
     result, local = make_result(1), tmp_path / "kept"
-    with caplog.at_level(logging.WARNING, logger="hf_cka.result"), pytest.raises(
+    with caplog.at_level(logging.WARNING, logger="hf_cka.hub"), pytest.raises(
         HubPushError, match=r"after 3 attempt\(s\)"
     ) as caught:
         result.push_to_hub("someone/unreachable", local_dir=local, max_attempts=3, backoff_s=0.01)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import yaml
 from huggingface_hub import DatasetCard
 from safetensors.torch import save_file
 
-import hf_cka.result as result_module
+import hf_cka.storage as storage_module
 from hf_cka.cards import escape_markdown, render_dataset_card
 from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from hf_cka.result import CKAResult, DriftResult, new_run_id, validate_run_id
@@ -173,7 +175,7 @@ def test_crash_mid_save_keeps_the_previous_result(tmp_path: Path, monkeypatch) -
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(result_module, "save_file", disk_full)
+    monkeypatch.setattr(storage_module, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         make_result(seed=2).save(target)
     assert_bit_identical(CKAResult.load(target).matrix, first.matrix)
@@ -381,3 +383,52 @@ def test_drift_load_rejects_traversal(tmp_path: Path) -> None:
     (path / "drift.json").write_text(json.dumps(doc))
     with pytest.raises(ResultFormatError, match=r"drift\.json: invalid run id '\.\./\.\./etc'"):
         DriftResult.load(path)
+
+
+def test_save_over_an_earlier_result_keeps_other_files(tmp_path: Path) -> None:
+    target = make_result(seed=1).save(tmp_path / "run")
+    (target / "notes.txt").write_text("precious")
+    (target / "figs").mkdir()
+    (target / "figs" / "a.png").write_bytes(b"png")
+    second = make_result(seed=2, la=2, lb=2)
+    second.save(target)
+    assert (target / "notes.txt").read_text() == "precious"
+    assert (target / "figs" / "a.png").read_bytes() == b"png"
+    assert_bit_identical(CKAResult.load(target).matrix, second.matrix)
+    drift = make_drift(k=2)
+    drift.save(tmp_path / "drift")
+    (tmp_path / "drift" / "notes.txt").write_text("mine")
+    again = make_drift(k=3)
+    again.save(tmp_path / "drift")
+    names = sorted(p.name for p in (tmp_path / "drift").iterdir())
+    assert names == ["01-ckpt-0", "02-ckpt-1", "03-ckpt-2", "drift.json", "notes.txt"]
+    assert DriftResult.load(tmp_path / "drift").drift_id == again.drift_id
+
+
+def test_a_tensors_file_of_another_save_is_refused(tmp_path: Path) -> None:
+    first = make_result(seed=1).save(tmp_path / "first")
+    second = make_result(seed=2).save(tmp_path / "second")
+    (second / "tensors.safetensors").write_bytes((first / "tensors.safetensors").read_bytes())
+    with pytest.raises(ResultFormatError, match="sha256 differs"):
+        CKAResult.load(second)
+
+
+def test_drift_folders_are_named_by_checkpoint(tmp_path: Path) -> None:
+    layers = ["h.0", "h.1"]
+    checkpoints = ["org/model@step-100", "./out/checkpoint-500", "org/model@step-100"]
+    results = [make_result(seed=s, la=2, lb=2, layers=layers) for s in range(3)]
+    path = DriftResult("org/model", checkpoints, results).save(tmp_path / "drift")
+    names = sorted(p.name for p in path.iterdir() if p.is_dir())
+    assert names == ["01-org-model-step-100", "02-out-checkpoint-500", "03-org-model-step-100"]
+    assert DriftResult.load(path).checkpoints == checkpoints
+
+
+def test_saved_files_share_one_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = make_drift(k=2).save(tmp_path / "drift")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in path.rglob("*") if p.is_file()}
+    assert len(modes) == 5 and set(modes.values()) == {0o644}, modes

@@ -194,3 +194,59 @@ def save(kind: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+TOWER_LAYERS = {"vision": 3, "text": 2, "encoder": 2, "decoder": 3}
+
+
+def build_multimodal(kind: str, seed: int = 0):
+    """A tiny random ``kind`` model: "clip", "siglip" (a vision tower of 3 blocks and a text
+    tower of 2), "whisper" (2 encoder and 3 decoder blocks) or "wav2vec2" (2 transformer blocks
+    after 3 layer-normed convolutions, more than the blocks, with the stable-layer-norm variant).
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=37)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind in ("clip", "siglip"):
+        text = dict(num_hidden_layers=TOWER_LAYERS["text"], vocab_size=100, **ids, **common)
+        vision = dict(
+            num_hidden_layers=TOWER_LAYERS["vision"], image_size=16, patch_size=8, **common
+        )
+        if kind == "clip":
+            return tf.CLIPModel(
+                tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+            ).eval()
+        return tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision)).eval()
+    if kind == "whisper":
+        cfg = tf.WhisperConfig(
+            d_model=HIDDEN,
+            encoder_layers=TOWER_LAYERS["encoder"],
+            decoder_layers=TOWER_LAYERS["decoder"],
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=16,
+            vocab_size=100,
+            decoder_start_token_id=1,
+            **ids,
+        )
+        return tf.WhisperModel(cfg).eval()
+    if kind == "wav2vec2":
+        cfg = tf.Wav2Vec2Config(
+            num_hidden_layers=TOWER_LAYERS["encoder"],
+            do_stable_layer_norm=True,
+            feat_extract_norm="layer",
+            conv_dim=(8, 8, 8),
+            conv_kernel=(4, 2, 2),
+            conv_stride=(2, 2, 1),
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+            **common,
+        )
+        return tf.Wav2Vec2Model(cfg).eval()
+    raise ValueError(kind)

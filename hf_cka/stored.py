@@ -1,0 +1,329 @@
+"""The one save/load/push/pull path of results, and their conversion to and from Hub tables.
+
+:class:`Stored` is the base of :class:`~hf_cka.result.CKAResult` and
+:class:`~hf_cka.result.DriftResult`: both save, load, push and pull through its methods and only
+say how to write, read and select themselves. The functions convert a run's tensors to its
+``scores`` table and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+from huggingface_hub import CommitInfo
+
+from hf_cka import hub, storage
+from hf_cka._network import clean_token
+from hf_cka.errors import ResultFormatError, suggest
+from hf_cka.hub import SCORES_SCHEMA, HubRuns
+from hf_cka.storage import DEFAULT_LOCAL_ROOT, validate_repo_id, validate_run_id
+
+_Result = TypeVar("_Result", bound="Stored")
+
+
+class Run(Protocol):
+    """One run of a result, as the Hub stores it."""
+
+    def _hub_run(self) -> hub.HubRun: ...
+
+
+DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftResult
+
+
+class Stored:
+    """Saving, loading, pushing and pulling, shared by :class:`CKAResult` and :class:`DriftResult`.
+
+    A subclass names its id (:attr:`_id`), writes and reads its own files (:meth:`_write`,
+    :meth:`_read`), lists its runs (:meth:`_runs`) and picks itself out of a Hub dataset
+    (:meth:`_select`).
+    """
+
+    _ID_KEY: ClassVar[str]  # the metadata key of the id
+    _KIND: ClassVar[str]  # "run" or "drift"
+
+    @property
+    def _id(self) -> str:
+        return str(self.metadata[self._ID_KEY])  # type: ignore[attr-defined]
+
+    def _write(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _read(cls: type[_Result], folder: Path) -> _Result:
+        raise NotImplementedError
+
+    def _runs(self) -> Sequence[Run]:
+        raise NotImplementedError
+
+    @classmethod
+    def _select(cls: type[_Result], runs: HubRuns, wanted: str | None) -> _Result:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the result to ``directory`` atomically and return its path.
+
+        The files are written to a temporary sibling folder, then moved into ``directory``
+        (created if missing). Saving over an earlier result replaces only the files a result
+        writes: other files there (notes, figures) stay. Every process that calls it writes.
+
+        Raises:
+            InvalidInputError: ``directory`` is a file or a non-empty folder without a result,
+                or the metadata is not JSON-serialisable.
+        """
+        target = Path(directory)
+        with storage.atomic_folder(target) as staging:
+            self._write(staging)
+        return target
+
+    @classmethod
+    def load(cls: type[_Result], directory: str | Path) -> _Result:
+        """Load a result written by :meth:`save`, validating everything it reads.
+
+        Raises:
+            ResultFormatError: a file is missing or malformed; the message names the file and
+                what is wrong (schema, version, key, type, tensor dtype, shape or digest).
+        """
+        return cls._read(Path(directory))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        local_dir: str | Path | None = None,
+        max_attempts: int = 5,
+        backoff_s: float = 1.0,
+    ) -> CommitInfo:
+        """Publish the run(s) to the Hub dataset ``repo_id``, keeping the runs already there.
+
+        The result is first saved to ``local_dir`` (default ``./cka-results/<id>/``; a folder
+        that already holds this very result is kept as it is). Then one commit adds, per run,
+        ``data/scores/<run_id>.parquet``, ``data/runs/<run_id>.parquet`` and
+        ``plots/<run_id>.png``, and rewrites ``README.md`` and the index of runs. A concurrent
+        push is detected and the commit rebuilt; conflicts, HTTP 408/429/5xx and network errors
+        are retried up to ``max_attempts`` times, waiting ``backoff_s * 2**k`` seconds (with
+        jitter) before retry ``k + 1``. See :func:`hf_cka.hub.push_runs`.
+
+        Args:
+            repo_id: Dataset repository, created if missing.
+            private: Visibility of a newly created repository (None: the Hub default).
+            token: Hub token (surrounding whitespace is ignored); None uses the saved login or
+                ``HF_TOKEN``. Never written anywhere.
+            commit_message: Defaults to ``"Add CKA run <run_id>"`` (or drift).
+            local_dir: Where to save the local copy.
+            max_attempts: Attempts before giving up.
+            backoff_s: Base wait between attempts, in seconds.
+
+        Returns:
+            The commit (a ``str``: its URL).
+
+        Raises:
+            InvalidInputError: ``repo_id`` is not a valid repository id (nothing is saved).
+            HubPushError: the push failed for good; ``local_path`` names the local copy.
+        """
+        validate_repo_id(repo_id)
+        local = self._local_copy(local_dir)
+        runs = self._runs()
+        return hub.push_runs(
+            [run._hub_run() for run in runs],
+            repo_id,
+            local_copy=local,
+            private=private,
+            token=clean_token(token),
+            commit_message=commit_message
+            or f"Add CKA {self._KIND} {self._id} ({len(runs)} run(s))",
+            max_attempts=max_attempts,
+            backoff_s=backoff_s,
+        )
+
+    def _local_copy(self, local_dir: str | Path | None) -> Path:
+        """``local_dir`` as it is when it already holds this very result, else a fresh save."""
+        if local_dir is not None:
+            folder = Path(local_dir)
+            try:
+                saved = type(self).load(folder) if storage.holds_result(folder) else None
+            except ResultFormatError:
+                saved = None
+            if saved is not None and saved._id == self._id:
+                return folder
+        return self.save(local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self._id)
+
+    @classmethod
+    def _from_hub(
+        cls: type[_Result],
+        repo_id: str,
+        wanted: str | None,
+        revision: str | None,
+        token: str | None,
+    ) -> _Result:
+        """The result ``wanted`` (None: the latest) of the Hub dataset ``repo_id``."""
+        validate_repo_id(repo_id)
+        if wanted is not None:
+            validate_run_id(wanted)
+        cleaned = clean_token(token)
+        with hub.reading(repo_id, revision, cleaned) as api:
+            return cls._select(HubRuns.pin(api, repo_id, revision, cleaned), wanted)
+
+
+def scores_table(
+    run_id: str,
+    model_a: str,
+    model_b: str,
+    layers_a: list[str],
+    layers_b: list[str],
+    tensors: Mapping[str, torch.Tensor],
+) -> pa.Table:
+    """The ``scores`` table of a run: one row per layer pair, row-major.
+
+    ``tensors`` holds ``matrix`` (column ``cka``) and optionally ``stderr`` and ``null``
+    (NaN columns when absent).
+    """
+    rows, cols = len(layers_a), len(layers_b)
+    index_a = np.repeat(np.arange(rows, dtype=np.int64), cols)
+    index_b = np.tile(np.arange(cols, dtype=np.int64), rows)
+    missing = np.full(rows * cols, np.nan)
+
+    def flat(name: str) -> np.ndarray:
+        tensor = tensors.get(name)
+        return missing if tensor is None else tensor.numpy().reshape(-1)
+
+    columns = {
+        "run_id": [run_id] * (rows * cols),
+        "model_a": [model_a] * (rows * cols),
+        "model_b": [model_b] * (rows * cols),
+        "layer_a": [layers_a[i] for i in index_a],
+        "layer_b": [layers_b[j] for j in index_b],
+        "index_a": index_a,
+        "index_b": index_b,
+        "cka": flat("matrix"),
+        "stderr": flat("stderr"),
+        "null": flat("null"),
+    }
+    return pa.table(columns, schema=SCORES_SCHEMA)
+
+
+def tensors_of(record: Mapping[str, Any], scores: pa.Table, source: str) -> dict[str, torch.Tensor]:
+    """The ``cka`` grid (and ``stderr``, ``null`` when the record has them) of a ``scores`` table.
+
+    Raises:
+        ResultFormatError: a column is missing or of the wrong type, or the rows do not cover
+            each layer pair of the record exactly once.
+    """
+    shape = (record["num_layers_a"], record["num_layers_b"])
+    if missing := set(SCORES_SCHEMA.names) - set(scores.column_names):
+        raise ResultFormatError(f"{source}: missing columns {sorted(missing)}")
+    if scores.num_rows != shape[0] * shape[1]:
+        raise ResultFormatError(
+            f"{source}: {scores.num_rows} rows, expected {shape[0]} x {shape[1]} layer pairs"
+        )
+    try:
+        scores = scores.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
+    except pa.ArrowException as err:
+        raise ResultFormatError(f"{source}: columns of the wrong type ({err})") from err
+    index_a = scores.column("index_a").to_numpy()
+    index_b = scores.column("index_b").to_numpy()
+    in_range = (index_a >= 0) & (index_a < shape[0]) & (index_b >= 0) & (index_b < shape[1])
+    pairs = set(zip(index_a.tolist(), index_b.tolist(), strict=True))
+    if not in_range.all() or len(pairs) != scores.num_rows:
+        raise ResultFormatError(f"{source}: index_a/index_b do not cover each layer pair once")
+    names = ["cka"] + [name for name in ("stderr", "null") if record[f"has_{name}"]]
+    grids = {}
+    for name in names:
+        values = np.full(shape, np.nan)
+        values[index_a, index_b] = scores.column(name).to_numpy(zero_copy_only=False)
+        grids[name] = torch.from_numpy(values)
+    return grids
+
+
+def drift_info(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The well-formed ``metadata["drift"]`` of a run, or None."""
+    info = metadata.get(DRIFT_KEY)
+    if not isinstance(info, dict):
+        return None
+    meta = info.get("metadata")
+    well_formed = (
+        isinstance(info.get("base"), str)
+        and isinstance(info.get("checkpoints"), list)
+        and isinstance(info.get("index"), int)
+        and isinstance(meta, dict)
+        and isinstance(meta.get("drift_id"), str)
+    )
+    return info if well_formed else None
+
+
+def drift_run_ids(runs: HubRuns, wanted: str | None) -> tuple[str, list[str]]:
+    """The drift ``wanted`` (None: the latest by ``created_at``) and its run ids, in order.
+
+    Raises:
+        ResultFormatError: the repository holds no drift, or not ``wanted`` (the message lists
+            the available ones).
+    """
+    members: dict[str, list[tuple[int, str]]] = {}
+    created: dict[str, Any] = {}
+    for entry in runs.summaries():
+        if (info := drift_info(entry["metadata"])) is not None:
+            drift_id = info["metadata"]["drift_id"]
+            members.setdefault(drift_id, []).append((info["index"], entry["run_id"]))
+            created[drift_id] = info["metadata"].get("created_at")
+    if not members:
+        raise ResultFormatError(f"{runs.source}: holds no drift (no run records one)")
+    if wanted is None:
+        wanted = max(members, key=lambda d: (storage.created_key(created[d]), d))
+    elif wanted not in members:
+        raise ResultFormatError(
+            f"{runs.source}: no drift {wanted!r}; available drifts: {', '.join(members)}."
+            + suggest(wanted, members)
+        )
+    return wanted, [run_id for _, run_id in sorted(members[wanted])]
+
+
+def run_record(
+    run_id: str,
+    model_a: str,
+    model_b: str,
+    layers_a: list[str],
+    layers_b: list[str],
+    metadata: Mapping[str, Any],
+    tensors: set[str],
+) -> dict[str, Any]:
+    """The row of a run in the ``runs`` table (``tensors``: which of ``stderr``, ``null`` it
+    has), plus its ``metadata``."""
+    return {
+        "run_id": run_id,
+        "model_a": model_a,
+        "model_b": model_b,
+        "created_at": str(metadata.get("created_at", "")),
+        "num_layers_a": len(layers_a),
+        "num_layers_b": len(layers_b),
+        "has_stderr": "stderr" in tensors,
+        "has_null": "null" in tensors,
+        "schema_version": storage.SCHEMA_VERSION,
+        "layers_a_json": storage.json_text(layers_a, "layers_a"),
+        "layers_b_json": storage.json_text(layers_b, "layers_b"),
+        "metadata_json": storage.json_text(metadata, "metadata"),
+        "metadata": metadata,
+    }
+
+
+def pick_run(runs: HubRuns, wanted: str | None) -> str:
+    """The run ``wanted``, or the latest by ``created_at`` when None.
+
+    Raises:
+        ResultFormatError: the repository holds no run, or not ``wanted`` (the message lists
+            the available ones).
+    """
+    if wanted is None:
+        return str(hub.newest(runs.summaries())["run_id"])
+    if wanted not in (available := runs.checked_run_ids()):
+        raise ResultFormatError(
+            f"{runs.source}: no run {wanted!r}; available runs: {', '.join(available)}."
+            + suggest(wanted, available)
+        )
+    return wanted
