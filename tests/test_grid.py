@@ -208,3 +208,49 @@ def test_cli_fingerprint_and_grid(three: list[str], tmp_path: Path, hub, capsys)
     capsys.readouterr()
     assert main(["grid", three[0], "-o", str(tmp_path / "one"), *fast]) == 2
     assert "at least 2 models" in capsys.readouterr().err
+
+
+def test_one_model_is_alive_at_a_time(saved, three: list[str]) -> None:
+    """At every forward pass of a grid and of a drift, exactly one model exists in the process
+    (the one running): each is freed before the next is loaded."""
+    import gc
+
+    alive: list[int] = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, PreTrainedModel):
+            alive.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        AutoCKA.grid(three, TEXTS, **OPTIONS)
+        AutoCKA.drift(saved("bert"), [saved("bert", 1), saved("bert", 2)], TEXTS, **OPTIONS)
+    finally:
+        handle.remove()
+    assert len(alive) == 3 * 5 + 3 * 5 and set(alive) == {1}
+    alive.clear()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:  # the streamed drift holds the base and both checkpoints together
+        AutoCKA.drift(
+            saved("bert"), [saved("bert", 1), saved("bert", 2)], TEXTS, one_model_at_a_time=False,
+            **OPTIONS,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    assert max(alive) == 3
+
+
+def test_cli_drift_modes_agree(three: list[str], tmp_path: Path, capsys) -> None:
+    from hf_cka.result import DriftResult
+
+    fast = ["--num-samples", "24", "--batch-size", "8", "--no-progress", "--dtype", "float32"]
+    models = [three[0], three[1]]
+    assert main(["drift", *models, "-o", str(tmp_path / "one"), *fast]) == 0
+    assert main(["drift", *models, "-o", str(tmp_path / "all"), "--all-models-at-once", *fast]) == 0
+    one, together = DriftResult.load(tmp_path / "one"), DriftResult.load(tmp_path / "all")
+    assert one.results[0].metadata["two_phase"] is True
+    assert together.results[0].metadata.get("two_phase") is None
+    torch.testing.assert_close(one.similarity, together.similarity, atol=1e-8, rtol=0)
+    capsys.readouterr()
+    code = main(["drift", *models, "--checkpoint-dir", str(tmp_path / "ck"), *fast])
+    assert code == 2 and "--all-models-at-once" in capsys.readouterr().err
