@@ -197,6 +197,9 @@ def test_cli_fingerprint_and_grid(three: list[str], tmp_path: Path, hub, capsys)
         Fingerprint.from_hub(repo_id).batch_digests
         == Fingerprint.load(tmp_path / "fp").batch_digests
     )
+    code = main(["compare", str(tmp_path / "fp"), three[0], "-o", str(tmp_path / "pair"), *fast])
+    assert code == 0 and CKAResult.load(tmp_path / "pair").model_a == three[2]
+    capsys.readouterr()
     code = main(["grid", three[0], three[1], repo_id, "-o", str(tmp_path / "grid"), *fast])
     out = capsys.readouterr().out
     assert code == 0 and "mean over the layers of [i]" in out
