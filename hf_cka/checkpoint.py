@@ -25,17 +25,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import InvalidInputError, ResultFormatError
+from .metric import Accumulator
 
 SCHEMA = "hf_cka.checkpoint/2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _START_OVER = "delete the folder to start over"
 _weights_digests: dict[tuple[Any, ...], str] = {}
-
-
-class Accumulator(Protocol):
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None: ...
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The seed-compatible ``CKA`` engine for any pair of ``nn.Module``s, and its forward primitives.
+"""The seed-compatible ``CKA`` engine for any pair of ``nn.Module``s (built on :mod:`.capture`).
 
 ``CKA`` keeps the API of pytorch-cka (``cka(dataloader)``, ``with cka: cka.compare(...)``,
 ``export``, ``callback(batch_idx, total, current_matrix)``) and fixes what it got wrong: the
@@ -9,7 +9,7 @@ of flattened with their padding, HSIC terms accumulate in float64 and values are
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from types import TracebackType
 from typing import Any
 
@@ -18,87 +18,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .capture import FeatureCapture, forward_features, input_device, unwrap
 from .errors import EmptyDataError, InvalidInputError
-from .hooks import FeatureCapture
+from .functional import Kernel
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
-from .pooling import check_pooling, padding_mask
+from .pooling import check_pooling
 
 Callback = Callable[[int, int, torch.Tensor], None]
 MIN_BATCH = 4
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The wrapped module of ``DataParallel`` / ``DistributedDataParallel`` (else ``model``)."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Device that inputs must be on: the input embedding's device, else the first parameter's."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    if callable(get_embeddings):
-        try:
-            embeddings = get_embeddings()
-        except (NotImplementedError, AttributeError):
-            embeddings = None
-        if embeddings is not None:
-            weight = getattr(embeddings, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                return weight.device
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def model_inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor | None]:
-    """Split a batch into ``(args, kwargs, padding_mask)`` on ``device``.
-
-    A tensor is the single positional input; for a tuple or list the first element is the input
-    (the rest, e.g. labels, is dropped); a mapping is passed as keyword arguments, so the
-    ``attention_mask`` reaches the model -- and the pooling: the third item is that mask on
-    ``device``, checked once here (:func:`~hf_cka.pooling.padding_mask`, before the move: no
-    host sync for a CPU batch), or ``None`` when it holds no padding.
-    """
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(batch, torch.Tensor):
-        return (move(batch),), {}, None
-    if isinstance(batch, Mapping):
-        kwargs = {k: move(v) for k, v in batch.items()}
-        padded = padding_mask(batch.get("attention_mask")) is not None
-        return (), kwargs, kwargs["attention_mask"] if padded else None
-    if isinstance(batch, (tuple, list)) and batch:
-        return (
-            model_inputs(batch[0], device)
-            if isinstance(batch[0], Mapping)
-            else (
-                (move(batch[0]),),
-                {},
-                None,
-            )
-        )
-    raise InvalidInputError(
-        f"expected a batch that is a Tensor, a non-empty tuple/list or a dict, got "
-        f"{type(batch).__name__}"
-    )
-
-
-def forward_features(
-    model: nn.Module, capture: FeatureCapture, batch: Any
-) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``batch`` under ``inference_mode``; pooled features by layer spec."""
-    args, kwargs, mask = model_inputs(batch, input_device(model))
-    capture.attention_mask, capture.active = mask, True
-    try:
-        with torch.inference_mode():
-            model(*args, **kwargs)
-    except BaseException:
-        capture.features.clear()
-        raise
-    finally:
-        capture.active = False
-    return capture.pop()
 
 
 class CKA:
@@ -120,6 +48,21 @@ class CKA:
         kernel: ``"linear"`` or ``"rbf"``.
         threshold: RBF bandwidth factor.
         progress: show a progress bar (main process only).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_cka import CKA
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> loader = [torch.randn(32, 8) for _ in range(4)]  # batches of 32 samples
+        >>> layers = ["0", "2"]  # module paths, as in model.named_modules()
+        >>> cka = CKA(model, model, model1_layers=layers, model2_layers=layers, progress=False)
+        >>> matrix = cka(loader)  # one forward pass per batch for a self-comparison
+        >>> matrix.shape, matrix.dtype
+        (torch.Size([2, 2]), torch.float64)
+        >>> print(f"{matrix[0, 0]:.4f} {matrix[1, 1]:.4f}")  # every layer matches itself
+        1.0000 1.0000
     """
 
     def __init__(
@@ -133,7 +76,7 @@ class CKA:
         device: str | torch.device | None = None,
         *,
         pooling: str = "mean",
-        kernel: str = "linear",
+        kernel: Kernel = "linear",
         threshold: float = 1.0,
         progress: bool = True,
     ) -> None:
@@ -237,7 +180,7 @@ class CKA:
             layer_names_b=self.model2_layers,
         )
         self.metric, self.skipped_batches = metric, []
-        total = len(dataloader) if hasattr(dataloader, "__len__") else -1
+        total = len(dataloader) if isinstance(dataloader, Sized) else -1
         show = (self.progress if progress is None else progress) and distributed.is_main_process()
         bar = tqdm(dataloader, total=total if total >= 0 else None, disable=not show, desc="CKA")
         for batch_idx, batch in enumerate(bar, start=1):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .capture import Extractor
 from .checkpoint import batch_digest
 from .data import batch_samples, load_samples, probe_corpus
 from .errors import FingerprintMismatchError, InvalidInputError, ShapeMismatchError
@@ -30,7 +31,7 @@ from .functional import as_features, squared_distances
 from .layers import LayerSpec, Part, resolve_layers
 from .models import LoadedModel, ModelLoader
 from .pooling import check_pooling
-from .runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, Extractor
+from .runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH
 
 
 @dataclass(frozen=True)

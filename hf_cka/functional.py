@@ -10,30 +10,65 @@ Revisited". For features ``X (n, p)`` and ``Y (n, q)`` with Gram matrices ``K`` 
   with a zeroed diagonal, ``r = K~ 1`` and ``s = 1^T K~ 1``;
 * ``CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``.
 
-Every function computes in float64 whatever the input dtype. Functions taking Gram matrices
-accept a leading batch dimension (``(..., n, n)``) so that all layers are handled at once.
-This module imports only torch: no ``torch.nn``, transformers or accelerate.
+Every function computes in float64 whatever the floating input dtype (integer, bool and complex
+features are refused). Functions taking Gram matrices accept a leading batch dimension
+(``(..., n, n)``) so that all layers are handled at once. CKA is invariant to rescaling either
+representation, so :func:`cka` first multiplies each one by a power of two that brings its largest
+entry near 1 (exact in binary floating point): any finite float64 input gives the value of the
+unscaled input, where Gram matrices of features near ``1e78`` or ``1e-90`` would overflow or
+underflow. This module imports only torch: no ``torch.nn``, transformers or accelerate.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
-from .errors import BatchTooSmallError, InvalidInputError, ShapeMismatchError
+from .errors import (
+    BatchTooSmallError,
+    InvalidInputError,
+    NonFiniteActivationError,
+    ShapeMismatchError,
+)
 
 Kernel = Literal["linear", "rbf"]
 KERNELS: tuple[str, ...] = ("linear", "rbf")
 
 
 def as_features(x: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` as a float64 ``(n, d)`` matrix (trailing dimensions are flattened)."""
+    """Return ``x`` as a float64 ``(n, d)`` matrix (trailing dimensions are flattened).
+
+    Raises:
+        InvalidInputError: ``x`` is complex, integer or bool (CKA needs real floating features).
+        ShapeMismatchError: ``x`` is a scalar, or has no feature (a zero-width dimension).
+        BatchTooSmallError: ``x`` has no sample (zero rows).
+    """
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
+    if x.is_complex():
+        raise InvalidInputError(
+            f"expected real floating-point features, got {x.dtype}; CKA is defined for real "
+            "features: pass x.real and x.imag as separate representations, or their "
+            "concatenation torch.cat([x.real, x.imag], dim=-1)"
+        )
+    if not x.is_floating_point():
+        raise InvalidInputError(
+            f"expected floating-point features, got {x.dtype}; convert them first with .float() "
+            "or .double()"
+        )
     if x.dim() == 0:
         raise ShapeMismatchError(
             "expected features of shape (n_samples, dim), got a scalar; pass one row per sample"
+        )
+    if x.shape[0] == 0:
+        raise BatchTooSmallError(
+            f"expected at least one sample (row), got features of shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ShapeMismatchError(
+            f"expected at least one feature per sample, got features of shape {tuple(x.shape)}"
         )
     x = x.detach()
     if x.dim() == 1:
@@ -55,14 +90,24 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     The bandwidth follows Kornblith et al.: ``sigma^2 = threshold^2 * median(D)`` where ``D`` is
     the full ``(n, n)`` matrix of squared pairwise distances (diagonal zeros included).
     """
-    if threshold <= 0:
-        raise InvalidInputError(f"expected an RBF threshold > 0, got {threshold}")
+    check_threshold(threshold)
     x = as_features(x)
     sq_dist = squared_distances(x)
     sigma2 = threshold**2 * _median(sq_dist)
     # all samples identical (sigma2 = 0): the kernel is constant, CKA is undefined; selected on
     # the device, as an `if` would read sigma2 back to the host for every layer of every batch
     return torch.where(sigma2 == 0, 1.0, torch.exp(-sq_dist / (2.0 * sigma2)))
+
+
+def check_threshold(threshold: float) -> float:
+    """Return ``threshold`` if it is a valid RBF bandwidth factor (finite and > 0), else raise
+    :class:`InvalidInputError` naming it."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise InvalidInputError(
+            f"expected a finite RBF threshold > 0 (the bandwidth is threshold * the median "
+            f"distance), got threshold={threshold!r}; the default is 1.0"
+        )
+    return float(threshold)
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +188,9 @@ def cka(
     factors cancel in the ratio. ``kernel="rbf"`` uses ``sigma^2 = threshold^2 * median`` of
     the squared pairwise distances. The value is never clamped: a debiased estimate can be
     slightly negative. It is NaN when either representation is constant over the samples.
+    Both kernels are invariant to an isotropic scaling of either side, so each side is first
+    scaled by a power of two (exact) to bring its largest entry near 1: any finite float64 input
+    gives the value of the unscaled input.
 
     Args:
         x: features of the first representation, one row per sample.
@@ -153,15 +201,37 @@ def cka(
 
     Returns:
         A 0-d float64 tensor.
+
+    Raises:
+        NonFiniteActivationError: ``x`` or ``y`` holds NaN or Inf.
+        InvalidInputError: complex, integer or bool features, an unknown kernel, or an RBF
+            ``threshold`` that is not finite and > 0.
+        ShapeMismatchError: ``x`` and ``y`` have different numbers of rows.
+
+    Example:
+        >>> import torch
+        >>> from hf_cka.functional import cka
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x, noise = torch.randn(200, 16, generator=gen), torch.randn(200, 16, generator=gen)
+        >>> rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+        >>> print(f"{cka(x, 1e6 * x @ rotation):.6f}")  # invariant to rotation and scale
+        1.000000
+        >>> 0.4 < float(cka(x, x + noise)) < 0.6
+        True
+        >>> abs(float(cka(x, noise, debiased=True))) < 0.05  # unrelated features: about 0
+        True
     """
-    x, y = as_features(x), as_features(y)
+    if kernel == "rbf":
+        check_threshold(threshold)
+    x, y = _finite_features(x, "x"), _finite_features(y, "y")
     if x.shape[0] != y.shape[0]:
         raise ShapeMismatchError(
             f"x and y must have one row per sample for the same samples, got {x.shape[0]} and "
             f"{y.shape[0]} rows"
         )
-    if kernel == "linear":  # shift and scale invariant: centre and rescale for float64 safety
-        x, y = _unit_scale(x - x.mean(dim=0)), _unit_scale(y - y.mean(dim=0))
+    x, y = unit_scale(x), unit_scale(y)  # exact: keeps Gram entries and their squares in range
+    if kernel == "linear":  # shift invariant: centre (and rescale) against cancellation
+        x, y = unit_scale(x - x.mean(dim=0)), unit_scale(y - y.mean(dim=0))
     k, l = gram(x, kernel, threshold), gram(y, kernel, threshold)  # noqa: E741
     center = u_center_gram if debiased else center_gram
     kc, lc = center(k), center(l)
@@ -185,7 +255,32 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     return (values[(count - 1) // 2] + values[count // 2]) / 2
 
 
-def _unit_scale(x: torch.Tensor) -> torch.Tensor:
-    """Divide ``x`` by its largest absolute entry (a no-op for an all-zero ``x``)."""
-    scale = x.abs().max()
-    return x / scale if scale > 0 else x
+def _finite_features(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``as_features(x)``, refusing NaN or Inf (the accumulators raise the same error)."""
+    x = as_features(x)
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteActivationError(
+            f"{name} holds NaN or Inf values; CKA is undefined for them: drop or repair those "
+            "samples (a float16 model overflows easily: use float32 or bfloat16)"
+        )
+    return x
+
+
+def scale_exponent(max_abs: torch.Tensor) -> torch.Tensor:
+    """Exponent ``e`` (integer-valued, same shape) with ``max_abs = m 2^e``, ``0.5 <= m < 1``;
+    ``0`` for zero (and for non-finite entries, which callers reject)."""
+    return torch.frexp(max_abs.to(torch.float64)).exponent.to(torch.float64)
+
+
+def scale_by_power_of_two(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``x * 2^exponent``, exact (two factors, so that ``2^exponent`` itself never overflows)."""
+    if exponent == 0:
+        return x
+    half = exponent // 2
+    return x * 2.0**half * 2.0 ** (exponent - half)
+
+
+def unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the power of two that brings its largest absolute entry into ``[0.5, 1)``
+    (exact in binary floating point; a no-op for an all-zero ``x``)."""
+    return scale_by_power_of_two(x, -int(scale_exponent(x.abs().max())))

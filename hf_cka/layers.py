@@ -20,11 +20,32 @@ from typing import Literal, get_args
 from torch import nn
 
 from .errors import InvalidInputError, LayerNotFoundError, suggest
-from .hooks import INPUT_SUFFIX, split_spec
 
 Part = Literal["encoder", "decoder", "vision", "text"]
 PARTS: tuple[str, ...] = get_args(Part)
 LayerSpec = str | int
+
+# A layer spec is a module path (``"encoder.layer.3"``: the module's output) or a module path with
+# this suffix (``"encoder.layer.0:input"``: the hidden states entering the module).
+INPUT_SUFFIX = ":input"
+EMBEDDINGS_LABEL = "embeddings"
+
+
+def split_spec(spec: str) -> tuple[str, bool]:
+    """``"path:input"`` -> ``("path", True)``; ``"path"`` -> ``("path", False)``."""
+    if spec.endswith(INPUT_SUFFIX):
+        return spec[: -len(INPUT_SUFFIX)], True
+    return spec, False
+
+
+def display_name(spec: str) -> str:
+    """Readable label of a layer spec: the input of a first block (``"encoder.layer.0:input"``,
+    the embedding output in :func:`default_layers`) reads as ``"embeddings"``; any other spec is
+    returned unchanged.
+    """
+    path, is_input = split_spec(spec)
+    return EMBEDDINGS_LABEL if is_input and path.endswith(".0") else spec
+
 
 # words of a module path (split at "." and "_") that mark a CLIP-style tower
 _TOWER_WORDS = {"vision": ("vision", "visual"), "text": ("text", "language")}

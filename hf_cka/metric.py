@@ -25,40 +25,111 @@ draws: with ``z_b = g_c c_b + g_a a_b + g_e e_b`` (``g`` the gradient of ``C / s
 
 expanded into the summable second moments ``sum_b w_b^2 c_b^2``, ``sum_b w_b^2 c_b a_b``, ...
 (``k`` is the number of batches; at least 2 are needed).
+
+Scale: the states hold fourth and eighth powers of the features, so each layer is first
+multiplied by a power of two fixed by the FIRST batch (see :mod:`hf_cka.accumulation`): exact,
+the same for every batch (the estimator and its weights are unchanged), and a no-op for features
+of ordinary magnitude. ``merge`` and ``sync`` re-express states of differing exponents at a common
+one (exact powers of two again).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Protocol, Self, runtime_checkable
 
 import torch
 
+from .accumulation import (
+    check_finite_layers,
+    common_exponents,
+    constant_layers,
+    exponent_header,
+    layer_names,
+    nan_constant_layers,
+    scale_exponents,
+    scaled_features,
+    validated_features,
+)
 from .errors import (
     ConstantLayerWarning,
     InvalidInputError,
-    NonFiniteActivationError,
     ShapeMismatchError,
 )
 from .functional import (
     KERNELS,
     Kernel,
     _median,
-    as_features,
     center_gram,
+    check_threshold,
     gram,
     u_center_gram,
 )
-
-# A layer whose U-centred Gram energy is below this fraction of its raw Gram energy is constant
-# over the data up to float64 rounding: its CKA is undefined (NaN), never divided by an epsilon.
-CONSTANT_RTOL = 1e-20
 
 _PAIR_STATES = ("c", "ww_c", "ww_cc", "ww_ca", "ww_ce", "ww_ae")
 _A_STATES = ("a", "ww_a", "ww_aa", "raw_a")
 _B_STATES = ("e", "ww_e", "ww_ee", "raw_e")
 _SCALAR_STATES = ("weight", "weight_sq", "n_batches", "n_samples")
+# degree of each state in the Gram matrices of side A and side B (a Gram matrix scales like the
+# square of its features for the linear kernel, and not at all for the RBF kernel)
+_DEGREES = {
+    "c": (1, 1), "ww_c": (1, 1), "ww_cc": (2, 2), "ww_ca": (3, 1), "ww_ce": (1, 3),
+    "ww_ae": (2, 2), "a": (2, 0), "ww_a": (2, 0), "ww_aa": (4, 0), "raw_a": (2, 0),
+    "e": (0, 2), "ww_e": (0, 2), "ww_ee": (0, 4), "raw_e": (0, 2),
+}  # fmt: skip
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """The contract of every CKA accumulator (:class:`MinibatchCKA`,
+    :class:`~hf_cka.streaming.StreamingLinearCKA`), as the runner, checkpoints and
+    :mod:`~hf_cka.statistics` use them.
+
+    ``update`` adds one batch (one ``(n, d)`` tensor per layer and side); ``compute`` returns the
+    ``(La, Lb)`` float64 CKA matrix; the states are sums over batches, so ``merge`` (two
+    accumulators) and ``sync`` (all processes, through a sum all-reduce) give what sequential
+    updates over all the batches give; ``state_dict``/``load_state_dict`` round-trip them;
+    ``reset`` forgets every batch.
+    """
+
+    self_similarity: bool
+    num_layers_a: int
+    num_layers_b: int
+    layer_names_a: list[str]
+    layer_names_b: list[str]
+
+    @property
+    def n_batches(self) -> int: ...
+
+    @property
+    def n_samples(self) -> int: ...
+
+    def update(
+        self,
+        features_a: Sequence[torch.Tensor],
+        features_b: Sequence[torch.Tensor] | None = None,
+        *,
+        batch_index: int | None = None,
+    ) -> None: ...
+
+    def compute(self) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
+
+    def merge(self, other: Self) -> Self: ...
+
+    def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None: ...
+
+
+class StderrAccumulator(Accumulator, Protocol):
+    """An :class:`Accumulator` that also gives per-cell standard errors (``compute_stderr``)."""
+
+    def compute_stderr(self) -> torch.Tensor: ...
 
 
 class MinibatchCKA:
@@ -73,6 +144,21 @@ class MinibatchCKA:
         threshold: RBF bandwidth factor.
         layer_names_a: optional names used in error messages.
         layer_names_b: optional names used in error messages.
+
+    Example:
+        >>> import torch
+        >>> from hf_cka import MinibatchCKA
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> metric = MinibatchCKA(2, 1)  # 2 layers of model A against 1 layer of model B
+        >>> for _ in range(10):
+        ...     x = torch.randn(64, 8, generator=gen)
+        ...     noise = torch.randn(64, 8, generator=gen)
+        ...     metric.update([x, noise], [2.0 * x])
+        >>> matrix = metric.compute()  # (2, 1): the shared layer, then the unrelated one
+        >>> print(f"{matrix[0, 0]:.4f}", abs(float(matrix[1, 0])) < 0.05)
+        1.0000 True
+        >>> metric.n_batches, tuple(metric.compute_stderr().shape)
+        (10, (2, 1))
     """
 
     def __init__(
@@ -85,11 +171,13 @@ class MinibatchCKA:
         layer_names_a: Sequence[str] | None = None,
         layer_names_b: Sequence[str] | None = None,
     ) -> None:
+        if kernel not in KERNELS:
+            raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
         self.self_similarity = num_layers_b is None
         self.num_layers_a = num_layers_a
         self.num_layers_b = num_layers_a if num_layers_b is None else num_layers_b
         self.kernel = kernel
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold) if kernel == "rbf" else threshold
         self.layer_names_a, self.layer_names_b = layer_names(
             num_layers_a, num_layers_b, layer_names_a, layer_names_b
         )
@@ -97,7 +185,7 @@ class MinibatchCKA:
 
     # ----------------------------------------------------------------------------- states
     def reset(self) -> None:
-        """Zero every state."""
+        """Zero every state (the scale exponents are fixed again by the next batch)."""
         la, lb = self.num_layers_a, self.num_layers_b
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
         self.states: dict[str, torch.Tensor] = {
@@ -106,6 +194,11 @@ class MinibatchCKA:
             **{k: zeros(lb) for k in _B_STATES},
             **{k: zeros(()) for k in _SCALAR_STATES},
         }
+        # per-layer scale exponents (features are multiplied by 2^-e); meaningful once a batch
+        # was accumulated. Side B is side A for self-similarity.
+        self.exponents_a = zeros(la)
+        self.exponents_b = self.exponents_a if self.self_similarity else zeros(lb)
+        self._scale_fixed = False  # a Python flag: update reads no tensor to decide
 
     @property
     def n_batches(self) -> int:
@@ -118,48 +211,121 @@ class MinibatchCKA:
         return int(self.states["n_samples"])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the summable states (float64 CPU tensors), e.g. for a checkpoint."""
-        return {k: v.clone() for k, v in self.states.items()}
+        """Copies of the summable states and of the scale exponents (float64 CPU tensors)."""
+        out = {k: v.clone() for k, v in self.states.items()}
+        out["exponent_a"], out["exponent_b"] = self.exponents_a.clone(), self.exponents_b.clone()
+        return out
 
     def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
-        """Replace the states by ``states`` (as returned by :meth:`state_dict`)."""
+        """Replace the states by ``states`` (as returned by :meth:`state_dict`).
+
+        The scale exponents default to 0 (unscaled) for state dicts saved without them.
+        """
         missing = set(self.states) - set(states)
         if missing:
             raise ShapeMismatchError(f"state dict lacks {sorted(missing)}; was it saved by hf_cka?")
-        for key, current in self.states.items():
-            value = states[key].to(torch.float64).cpu()
+        exponents = {
+            "exponent_a": self.exponents_a,
+            "exponent_b": self.exponents_b,
+        }
+        loaded = {}
+        for key, current in [*self.states.items(), *exponents.items()]:
+            value = states.get(key, torch.zeros_like(current)).to(torch.float64).cpu()
             if value.shape != current.shape:
                 raise ShapeMismatchError(
                     f"state '{key}' has shape {tuple(value.shape)}, expected {tuple(current.shape)}"
                     " (a checkpoint of another layer selection?)"
                 )
-            self.states[key] = value.clone()
+            loaded[key] = value.clone()
+        self.exponents_a = loaded.pop("exponent_a")
+        self.exponents_b = self.exponents_a if self.self_similarity else loaded.pop("exponent_b")
+        self.states = {key: loaded[key] for key in self.states}
+        self._scale_fixed = self.n_batches > 0
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
-        """Add the states of ``other`` (same layer counts) into this accumulator; returns self."""
+        """Add the states of ``other`` (same layer counts) into this accumulator; returns self.
+
+        States of differing scale exponents are first re-expressed at the larger exponent of
+        each layer (``other`` is left untouched).
+        """
         if (other.num_layers_a, other.num_layers_b) != (self.num_layers_a, self.num_layers_b):
             raise ShapeMismatchError(
                 f"cannot merge a {other.num_layers_a}x{other.num_layers_b} accumulator into a "
                 f"{self.num_layers_a}x{self.num_layers_b} one"
             )
+        if other.n_batches == 0:
+            return self
+        if self.n_batches == 0:
+            self.load_state_dict(other.state_dict())
+            return self
+        common_a = torch.maximum(self.exponents_a, other.exponents_a)
+        common_b = torch.maximum(self.exponents_b, other.exponents_b)
+        theirs = other._rescaled(common_a, common_b)
+        self.states = self._rescaled(common_a, common_b)
+        self._set_exponents(common_a, common_b)
         for key in self.states:
-            self.states[key] += other.states[key]
+            self.states[key] += theirs[key]
         return self
 
     def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the states across processes with ONE call of ``all_reduce_sum`` on a flat vector.
 
         ``all_reduce_sum`` receives a 1-D float64 tensor and returns the element-wise sum over
-        processes (see :func:`hf_cka.distributed.all_reduce_sum`).
+        processes (see :func:`hf_cka.distributed.all_reduce_sum`). The vector starts with the
+        processes' scale exponents; in the rare case where they differ, every process
+        re-expresses its states at their (rounded) mean and a second call sums those.
         """
-        keys = list(self.states)
-        flat = torch.cat([self.states[k].reshape(-1) for k in keys])
-        summed = all_reduce_sum(flat).to(torch.float64).cpu()
+        header = exponent_header(self._exponents(), self.n_batches > 0)
+        summed = all_reduce_sum(torch.cat([header, self._flat()])).to(torch.float64).cpu()
+        common, agreed = common_exponents(summed[: header.numel()])
+        flat = summed[header.numel() :]
+        if common is not None:
+            la = self.num_layers_a
+            common_a, common_b = common[:la], common[la:] if common.numel() > la else common[:la]
+            if not agreed:
+                self.states = self._rescaled(common_a, common_b)
+                flat = all_reduce_sum(self._flat()).to(torch.float64).cpu()
+            self._set_exponents(common_a, common_b)
         offset = 0
-        for key in keys:
-            size = self.states[key].numel()
-            self.states[key] = summed[offset : offset + size].reshape(self.states[key].shape)
+        for key, value in self.states.items():
+            size = value.numel()
+            self.states[key] = flat[offset : offset + size].reshape(value.shape)
             offset += size
+        self._scale_fixed = self.n_batches > 0
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([value.reshape(-1) for value in self.states.values()])
+
+    def _exponents(self) -> torch.Tensor:
+        """The scale exponents of side A, then of side B unless it is side A."""
+        if self.self_similarity:
+            return self.exponents_a
+        return torch.cat([self.exponents_a, self.exponents_b])
+
+    def _set_exponents(self, exponents_a: torch.Tensor, exponents_b: torch.Tensor) -> None:
+        self.exponents_a = exponents_a.clone()
+        self.exponents_b = self.exponents_a if self.self_similarity else exponents_b.clone()
+        self._scale_fixed = True
+
+    def _rescaled(
+        self, exponents_a: torch.Tensor, exponents_b: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The states re-expressed for features scaled by ``2^-exponents`` instead of the
+        current exponents: each state times ``2^(g (deg_a d_a + deg_b d_b))`` (exact), with ``d``
+        the exponent change, ``deg`` its degree in each side's Gram matrix (:data:`_DEGREES`)
+        and ``g`` = 2 for the linear kernel, 0 for the scale-free RBF kernel."""
+        power = 2.0 if self.kernel == "linear" else 0.0
+        d_a = power * (self.exponents_a - exponents_a)
+        d_b = power * (self.exponents_b - exponents_b)
+        out = {}
+        for key, value in self.states.items():
+            deg_a, deg_b = _DEGREES.get(key, (0, 0))
+            if key in _PAIR_STATES:
+                exponent = deg_a * d_a[:, None] + deg_b * d_b[None, :]
+            else:
+                exponent = deg_a * d_a if key in _A_STATES else deg_b * d_b
+            out[key] = value * torch.pow(2.0, exponent) if deg_a or deg_b else value.clone()
+        return out
 
     # ----------------------------------------------------------------------------- update
     def update(
@@ -180,18 +346,33 @@ class MinibatchCKA:
         """
         check_sides(self, features_b)
         where = self.n_batches if batch_index is None else batch_index
-        u_a = self._u_centered(features_a, self.num_layers_a, self.layer_names_a, "A", where)
+        first = not self._scale_fixed  # the first batch fixes the scale exponents of the run
+        feats_a = validated_features(features_a, self.num_layers_a, "A")
+        exps_a = scale_exponents(feats_a) if first else self.exponents_a
+        u_a = self._u_centered(feats_a, exps_a)
         n = u_a[0].shape[-1]
+        sides = [(self.layer_names_a, feats_a, exps_a)]
+        exps_b = exps_a
         if features_b is None:
             u_b = u_a
         else:
-            u_b = self._u_centered(features_b, self.num_layers_b, self.layer_names_b, "B", where)
+            feats_b = validated_features(features_b, self.num_layers_b, "B")
+            exps_b = scale_exponents(feats_b) if first else self.exponents_b
+            u_b = self._u_centered(feats_b, exps_b)
             if u_b[0].shape[-1] != n:
                 raise ShapeMismatchError(
                     f"model A gave {n} samples in this batch and model B {u_b[0].shape[-1]}; both "
                     "sides must describe the same samples"
                 )
-        self._accumulate(u_a, u_b, n, where)
+            sides.append((self.layer_names_b, feats_b, exps_b))
+
+        def check_finite(*probes: torch.Tensor) -> None:
+            for probe, (names, feats, exps) in zip(probes, sides, strict=True):
+                check_finite_layers(probe, names, where, feats, exps)
+
+        self._accumulate(u_a, u_b, n, check_finite)
+        if first:
+            self._set_exponents(exps_a, exps_b)
 
     def update_from_distances(
         self,
@@ -205,51 +386,59 @@ class MinibatchCKA:
 
         The linear Gram of the column-centred features is ``-H D H / 2`` (classical scaling,
         ``H = I - 11^T / n``) and the RBF Gram is ``exp(-D / (2 threshold^2 median(D)))``, so
-        the batch adds what :meth:`update` adds for the features (to float64 rounding).
+        the batch adds what :meth:`update` adds for the features (to float64 rounding). The
+        scale exponents come from ``max sqrt(D)`` (distances scale as the features).
         """
         check_sides(self, distances_b)
         where = self.n_batches if batch_index is None else batch_index
-        sides = [(distances_a, self.num_layers_a)]
+        first = not self._scale_fixed
+        given = [(distances_a, self.num_layers_a, self.layer_names_a, self.exponents_a)]
         if distances_b is not None:
-            sides.append((distances_b, self.num_layers_b))
-        centred = []
-        for distances, num_layers in sides:
+            given.append((distances_b, self.num_layers_b, self.layer_names_b, self.exponents_b))
+        sides, centred = [], []
+        for distances, num_layers, names, fixed in given:
             if distances.dim() != 3 or distances.shape[0] != num_layers:
                 raise ShapeMismatchError(
                     f"expected ({num_layers}, n, n) squared distances, got {tuple(distances.shape)}"
                 )
-            k = gram_from_distances(distances, self.kernel, self.threshold)
-            centred.append(self._centred(k))
+            layers = list(distances.to(torch.float64))
+            exps = scale_exponents([d.sqrt() for d in layers]) if first else fixed
+            scaled = torch.stack(scaled_features(layers, 2 * exps))  # D scales as x^2
+            centred.append(self._probed(gram_from_distances(scaled, self.kernel, self.threshold)))
+            sides.append((names, layers, exps))
         n = distances_a.shape[-1]
         if distances_b is not None and distances_b.shape[-1] != n:
             raise ShapeMismatchError(
                 f"side A has {n} samples in this batch and side B {distances_b.shape[-1]}; both "
                 "sides must describe the same samples"
             )
-        self._accumulate(centred[0], centred[-1], n, where)
+
+        def check_finite(*probes: torch.Tensor) -> None:
+            for probe, (names, layers, exps) in zip(probes, sides, strict=True):
+                check_finite_layers(probe, names, where, layers, exps)
+
+        self._accumulate(centred[0], centred[-1], n, check_finite)
+        if first:
+            self._set_exponents(sides[0][2], sides[-1][2])
 
     def _u_centered(
-        self,
-        features: Sequence[torch.Tensor],
-        num_layers: int,
-        names: list[str],
-        side: str,
-        batch_index: int,
+        self, feats: list[torch.Tensor], exponents: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """U-centred Gram matrices ``(L, n, n)`` and per-layer ``(2, L)`` probes: the raw
-        off-diagonal Gram energies and the Gram traces ``sum_i K_ii`` (a NaN or Inf activation
-        of sample ``i`` reaches ``K_ii = ||x_i||^2``). Nothing is read back to the host here."""
-        feats = validated_features(
-            features, num_layers, names, side, batch_index, check_finite=False
-        )
-        return self._centred(self._grams(feats))
+        """U-centred Gram matrices ``(L, n, n)`` of the features scaled by ``2^-exponents`` and
+        per-layer ``(2, L)`` probes: the raw off-diagonal Gram energies and a finiteness probe.
 
-    @staticmethod
-    def _centred(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U(K)`` of ``(L, n, n)`` Gram matrices and their ``(2, L)`` probes (raw off-diagonal
-        energies and traces; see :meth:`_u_centered`)."""
-        trace = k.diagonal(dim1=-2, dim2=-1).sum(-1)
-        return u_center_gram(k), torch.stack((_off_diagonal_energy(k), trace))
+        A NaN or Inf activation of sample ``i`` reaches the linear ``K_ii = ||x_i||^2``, so the
+        probe is the Gram trace; an RBF kernel has ``K_ii = 1`` whatever the distances, so there
+        the probe is the sum of the whole Gram matrix. Nothing is read back to the host here.
+        """
+        return self._probed(self._grams(scaled_features(feats, exponents)))
+
+    def _probed(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U(K)`` of ``(L, n, n)`` Gram matrices and their ``(2, L)`` probes (see
+        :meth:`_u_centered`)."""
+        diagonal = k.diagonal(dim1=-2, dim2=-1)
+        probe = diagonal.sum(-1) if self.kernel == "linear" else k.sum(dim=(-2, -1))
+        return u_center_gram(k), torch.stack((_off_diagonal_energy(k), probe))
 
     def _grams(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """``(L, n, n)`` Gram matrices of column-centred features (one batched product when the
@@ -269,12 +458,13 @@ class MinibatchCKA:
         u_a: tuple[torch.Tensor, torch.Tensor],
         u_b: tuple[torch.Tensor, torch.Tensor],
         n: int,
-        batch_index: int,
+        check_finite: Callable[..., None],
     ) -> None:
         """Check the batch and add its weighted HSIC terms and second moments to the states.
 
         The products run where the features are (a GPU stays busy); the HSIC terms and the
-        per-layer probes come home in ONE transfer, and finiteness is checked on that CPU copy.
+        per-layer probes come home in ONE transfer, and ``check_finite`` checks the probes of
+        each side on that CPU copy before any state changes.
         """
         (ua, probes_a), (ub, probes_b) = u_a, u_b
         scale = 1.0 / (n * (n - 3))
@@ -288,11 +478,13 @@ class MinibatchCKA:
         sums = torch.cat([part.reshape(-1) for part in parts]).cpu()
         sizes = [la * lb, la, 2 * la] + ([] if same else [lb, 2 * lb])
         c, a, probes_a, *rest = sums.split(sizes)
-        (raw_a, trace_a), c = probes_a.view(2, la), c.view(la, lb)
-        check_finite_layers(trace_a, self.layer_names_a, batch_index)
-        e, (raw_e, trace_e) = (a, (raw_a, trace_a)) if same else (rest[0], rest[1].view(2, lb))
-        if not same:
-            check_finite_layers(trace_e, self.layer_names_b, batch_index)
+        (raw_a, probe_a), c = probes_a.view(2, la), c.view(la, lb)
+        if same:
+            check_finite(probe_a)
+            e, raw_e = a, raw_a
+        else:
+            e, (raw_e, probe_e) = rest[0], rest[1].view(2, lb)
+            check_finite(probe_a, probe_e)
         w = float(n)
         ww = w * w
         s = self.states
@@ -354,7 +546,12 @@ class MinibatchCKA:
         # sum_b w_b^2 (z_b - z_bar)^2 with z_bar the w^2-weighted mean; rounding can make it a
         # hair negative, and a variance (unlike a CKA value) is clamped at zero.
         spread = (sum_zz - sum_z**2 / s["weight_sq"]).clamp_min(0.0)
-        return torch.sqrt(k / (k - 1) * spread) / weight
+        stderr = torch.sqrt(k / (k - 1) * spread) / weight
+        # a constant layer's cells are undefined like its CKA (the RBF kernel of a constant layer
+        # U-centres to rounding residues, which the formula above would turn into a number)
+        undefined = constant_layers(s["a"], s["raw_a"])[:, None]
+        undefined = undefined | constant_layers(s["e"], s["raw_e"])[None, :]
+        return stderr.masked_fill(undefined, float("nan"))
 
     def _require_batches(self, minimum: int) -> None:
         if self.n_batches < minimum:
@@ -364,23 +561,7 @@ class MinibatchCKA:
             )
 
 
-def nan_constant_layers(
-    hsic_self: torch.Tensor, raw: torch.Tensor, names: Sequence[str]
-) -> torch.Tensor:
-    """``hsic_self`` with NaN for layers that are constant over the data (one warning)."""
-    constant = hsic_self <= CONSTANT_RTOL * raw.abs()
-    if constant.any():
-        listed = ", ".join(f"'{names[i]}'" for i in constant.nonzero().flatten().tolist())
-        warnings.warn(
-            f"layer(s) {listed} are constant over the data (zero variance): their CKA is "
-            "undefined and reported as NaN",
-            ConstantLayerWarning,
-            stacklevel=3,
-        )
-    return torch.where(constant, torch.full_like(hsic_self, float("nan")), hsic_self)
-
-
-def compute_quietly(accumulator: MinibatchCKA | Any) -> torch.Tensor:
+def compute_quietly(accumulator: Accumulator) -> torch.Tensor:
     """``accumulator.compute()`` without the constant-layer warning, for per-batch progress
     callbacks (the final result still warns once)."""
     with warnings.catch_warnings():
@@ -388,7 +569,7 @@ def compute_quietly(accumulator: MinibatchCKA | Any) -> torch.Tensor:
         return accumulator.compute()
 
 
-def check_sides(accumulator: MinibatchCKA | Any, features_b: object) -> None:
+def check_sides(accumulator: Accumulator, features_b: object) -> None:
     """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
     name = type(accumulator).__name__
     if accumulator.self_similarity and features_b is not None:
@@ -400,69 +581,6 @@ def check_sides(accumulator: MinibatchCKA | Any, features_b: object) -> None:
         raise InvalidInputError(
             f"expected features_b for {accumulator.num_layers_b} layers of model B, got None"
         )
-
-
-def validated_features(
-    features: Sequence[torch.Tensor],
-    num_layers: int,
-    names: Sequence[str],
-    side: str,
-    batch_index: int,
-    *,
-    check_finite: bool = True,
-) -> list[torch.Tensor]:
-    """One side's features as float64 ``(n, d)`` tensors on the first layer's device.
-
-    Raises:
-        ShapeMismatchError: not one tensor per layer, or layers with different sample counts.
-        NonFiniteActivationError: NaN or Inf (with ``check_finite``), naming layer and batch.
-    """
-    if len(features) != num_layers:
-        raise ShapeMismatchError(
-            f"expected {num_layers} feature tensors for side {side}, got {len(features)}"
-        )
-    sizes = {int(f.shape[0]) for f in features}
-    if len(sizes) != 1:
-        raise ShapeMismatchError(
-            f"every layer of side {side} must hold the same samples, got batch sizes "
-            f"{sorted(sizes)}"
-        )
-    device = features[0].device  # layers of a model split over devices meet on the first
-    out = [as_features(feats).to(device) for feats in features]
-    if check_finite:
-        check_finite_layers(torch.stack([x.sum() for x in out]), names, batch_index)
-    return out
-
-
-def check_finite_layers(per_layer: torch.Tensor, names: Sequence[str], batch_index: int) -> None:
-    """Raise for the first layer whose value in ``per_layer`` (a sum over its activations, or
-    its Gram diagonal) is NaN or Inf -- a non-finite activation makes it so."""
-    finite = torch.isfinite(per_layer.reshape(len(names), -1)).all(dim=1)
-    if not bool(finite.all()):
-        name = names[int((~finite).nonzero()[0])]
-        raise NonFiniteActivationError(
-            f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
-            "check the inputs and the model's dtype (float16 overflows easily: load the "
-            "model in float32 or bfloat16)"
-        )
-
-
-def layer_names(
-    num_layers_a: int,
-    num_layers_b: int | None,
-    names_a: Sequence[str] | None = None,
-    names_b: Sequence[str] | None = None,
-) -> tuple[list[str], list[str]]:
-    """Validated display names of both sides (``A[i]``/``B[j]`` by default; side B mirrors A
-    when ``num_layers_b`` is None)."""
-    if num_layers_a < 1 or (num_layers_b is not None and num_layers_b < 1):
-        raise InvalidInputError(
-            f"expected at least one layer on each side, got {num_layers_a} and {num_layers_b}"
-        )
-    names_a = list(names_a or [f"A[{i}]" for i in range(num_layers_a)])
-    if num_layers_b is None:
-        return names_a, list(names_b or names_a)
-    return names_a, list(names_b or [f"B[{j}]" for j in range(num_layers_b)])
 
 
 def gram_from_distances(distances: torch.Tensor, kernel: Kernel, threshold: float) -> torch.Tensor:
@@ -477,12 +595,11 @@ def gram_from_distances(distances: torch.Tensor, kernel: Kernel, threshold: floa
         return -0.5 * center_gram(d)
     if kernel != "rbf":
         raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
-    if threshold <= 0:
-        raise InvalidInputError(f"expected an RBF threshold > 0, got {threshold}")
+    check_threshold(threshold)
     grams = []
     for layer in d.reshape(-1, *d.shape[-2:]):
-        sigma2 = threshold**2 * _median(layer)
-        grams.append(torch.ones_like(layer) if sigma2 == 0 else torch.exp(-layer / (2.0 * sigma2)))
+        sigma2 = threshold**2 * _median(layer)  # selected on the device, as gram_rbf does
+        grams.append(torch.where(sigma2 == 0, 1.0, torch.exp(-layer / (2.0 * sigma2))))
     return torch.stack(grams).reshape(d.shape)
 
 

@@ -25,6 +25,7 @@ from matplotlib.image import AxesImage
 from matplotlib.transforms import Bbox
 
 from hf_cka.errors import InvalidInputError, ShapeMismatchError
+from hf_cka.layers import display_name
 
 __all__ = ["plot_cka_comparison", "plot_cka_heatmap", "plot_cka_trend", "plot_drift"]
 
@@ -81,9 +82,8 @@ def _short_labels(names: Sequence[Any], sep: str = ".", keep: int = 2) -> list[s
 
 
 def _readable(name: Any) -> Any:
-    """``'encoder.layer.0:input'`` (the input of the first block) reads as ``'embeddings'``."""
-    text = str(name)
-    return "embeddings" if text.endswith(".0:input") else name
+    """Layer specs read as :func:`hf_cka.layers.display_name` says; other labels stay as given."""
+    return display_name(name) if isinstance(name, str) else name
 
 
 def _tick_positions(n: int, max_ticks: int) -> list[int]:

@@ -10,7 +10,6 @@ minibatch, so the result equals the unsorted run (mask-aware pooling ignores the
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,19 +19,18 @@ from typing import Any
 import torch
 
 from . import distributed
+from .capture import Extractor
 from .checkpoint import RunCheckpoint, fingerprint, model_identity
-from .data import batch_samples, collate, encode, lengths, load_samples, same_tokens
-from .engine import forward_features, input_device
+from .data import batch_samples, load_samples, same_tokens
 from .errors import InvalidInputError, TokenizerMismatchError
-from .hooks import FeatureCapture, split_spec
-from .metric import MinibatchCKA, compute_quietly
+from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
-from .streaming import ESTIMATORS, StreamingLinearCKA, new_accumulator, stderr_target_reached
+from .statistics import stderr_target_reached
+from .streaming import ESTIMATORS, new_accumulator
 
 Callback = Callable[[int, int, torch.Tensor], None]
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_LENGTH = 128
-Accumulator = MinibatchCKA | StreamingLinearCKA
 
 
 @dataclass(frozen=True)
@@ -136,69 +134,6 @@ class RunOutcome:
     accumulated: list[Accumulated]
     data_info: dict[str, Any]
     run_info: dict[str, Any]
-
-
-class Extractor:
-    """Pooled features of one model for chunks of CKA batches (hooks live in ``with``)."""
-
-    def __init__(self, loaded: LoadedModel, layers: Sequence[str], pooling: str) -> None:
-        self.loaded, self.layers, self.pooling = loaded, list(dict.fromkeys(layers)), pooling
-        model = loaded.model
-        self.use_decoder = bool(getattr(model.config, "is_encoder_decoder", False)) and any(
-            split_spec(spec)[0].split(".")[0] == "decoder" for spec in self.layers
-        )
-        is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
-        self.forward_module = model.get_encoder() if is_enc_dec and not self.use_decoder else model
-        # pooled rows gather on the input device: CKA math runs there, only sums go to the CPU
-        self.capture = FeatureCapture(model, self.layers, pooling, device=input_device(model))
-
-    def __enter__(self) -> Extractor:
-        model = self.loaded.model
-        self._modes = {module: module.training for module in model.modules()}
-        model.eval()  # no dropout; flags restored module by module on exit
-        self.capture.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.capture.remove()
-        for module, training in self._modes.items():
-            module.training = training
-
-    def encode(self, samples: Sequence[Any], max_length: int | None) -> Any:
-        return encode(self.loaded.processor, samples, self.loaded.modality, max_length)
-
-    def _forward(self, encodings: Any, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        batch = collate(self.loaded.processor, encodings, indices, self.loaded.modality)
-        if self.use_decoder:
-            batch["decoder_input_ids"] = batch["input_ids"]
-            batch["decoder_attention_mask"] = batch["attention_mask"]
-        with self.loaded.forward_context():
-            return forward_features(self.forward_module, self.capture, batch)
-
-    def chunk_features(
-        self, encodings: Any, sizes: Sequence[int], batch_size: int, sort: bool
-    ) -> list[dict[str, torch.Tensor]]:
-        """Features of consecutive CKA batches of ``sizes`` samples (encoded in ``encodings``).
-
-        With ``sort`` the forward passes run over the chunk sorted by length (longest first,
-        ``batch_size`` samples each) and the pooled rows are put back in sample order.
-        """
-        bounds = [0, *itertools.accumulate(sizes)]
-        if not sort or self.pooling == "tokens":
-            return [self._forward(encodings, range(s, e)) for s, e in itertools.pairwise(bounds)]
-        total = bounds[-1]
-        order = sorted(range(total), key=lengths(encodings, self.loaded.modality).__getitem__)
-        order.reverse()
-        # one index copy per chunk: a list index would be copied to the device for every layer
-        order_on_device = torch.tensor(order, device=self.capture.device)
-        buffers: dict[str, torch.Tensor] = {}
-        for start in range(0, total, batch_size):
-            indices = order[start : start + batch_size]
-            for spec, rows in self._forward(encodings, indices).items():
-                if spec not in buffers:
-                    buffers[spec] = rows.new_empty((total, *rows.shape[1:]))
-                buffers[spec][order_on_device[start : start + batch_size]] = rows
-        return [{k: v[s:e] for k, v in buffers.items()} for s, e in itertools.pairwise(bounds)]
 
 
 def _chunks(

@@ -1,4 +1,4 @@
-"""Exact full-data linear CKA streamed batch by batch, the permutation null and stopping rules.
+"""Exact full-data linear CKA streamed batch by batch, and the choice of accumulator.
 
 :class:`StreamingLinearCKA` gives the same numbers as ``functional.cka(X, Y)`` (Kornblith et al.
 2019, biased HSIC) or ``functional.cka(X, Y, debiased=True)`` (unbiased HSIC, Song et al. 2012)
@@ -31,17 +31,30 @@ that a shift adds to ``K_ij``), so every sample is shifted by a reference vector
 mean of the first batch this accumulator saw. The shift is not summed: :meth:`merge` and
 :meth:`sync` first re-express the sums at a common shift (exact polynomial identities, written in
 :meth:`StreamingLinearCKA._rebase`), so accumulators with different first batches still combine.
+Before the shift, each layer is multiplied by the power of two that :class:`MinibatchCKA` uses
+(fixed by the first batch, exact, a no-op for features of ordinary magnitude), so that the
+fourth-order moments of features near ``1e78`` or ``1e-90`` stay inside the float64 range.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
+from .accumulation import (
+    check_finite_layers,
+    common_exponents,
+    exponent_header,
+    layer_names,
+    nan_constant_layers,
+    scale_exponents,
+    scaled_features,
+    validated_features,
+)
 from .errors import (
     BatchTooSmallError,
     EstimatorWarning,
@@ -50,17 +63,10 @@ from .errors import (
     ShapeMismatchError,
 )
 from .functional import Kernel
-from .metric import (
-    MinibatchCKA,
-    check_sides,
-    layer_names,
-    nan_constant_layers,
-    validated_features,
-)
+from .metric import MinibatchCKA, check_sides
 
 Estimator = Literal["minibatch", "linear", "debiased"]
 ESTIMATORS: tuple[str, ...] = ("minibatch", "linear", "debiased")
-Features = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 _GIB = 2**30
 
@@ -203,6 +209,10 @@ class StreamingLinearCKA:
             size = math.prod(shape)
             self.states[key] = self._buffer[offset : offset + size].view(shape)
             offset += size
+        self.exponents_a = torch.zeros(len(dims_a), dtype=torch.float64)
+        self.exponents_b = (
+            self.exponents_a if dims_b is None else self.exponents_a.new_zeros(len(dims_b))
+        )
         self.shift_a = torch.zeros(sum(self.dims_a), dtype=torch.float64, device=device)
         self.shift_b = self.shift_a if dims_b is None else self.shift_a.new_zeros(sum(dims_b))
         self._segments = {side: _segments(dims, device) for side, dims in self._sides()}
@@ -230,16 +240,18 @@ class StreamingLinearCKA:
         return int(self.states["n_samples"]) if self.states else 0
 
     def reset(self) -> None:
-        """Zero every state (the layer widths and device are kept)."""
+        """Zero every state (the layer widths and device are kept; the next batch fixes the
+        scale exponents again)."""
         if self.states:
             self._buffer.zero_()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the states, the shifts and the layer widths, e.g. for a checkpoint."""
+        """CPU copies of the states, the shifts, the scale exponents and the layer widths."""
         if not self.states:
             return {}
         out = {k: v.detach().cpu().clone() for k, v in self.states.items()}
         out["shift_a"], out["shift_b"] = self.shift_a.cpu().clone(), self.shift_b.cpu().clone()
+        out["exponent_a"], out["exponent_b"] = self.exponents_a.clone(), self.exponents_b.clone()
         out["dims_a"], out["dims_b"] = torch.tensor(self.dims_a), torch.tensor(self.dims_b)
         return out
 
@@ -265,6 +277,9 @@ class StreamingLinearCKA:
             value.copy_(states[key])
         self.shift_a.copy_(states["shift_a"])
         self.shift_b.copy_(states["shift_b"])
+        # saved without exponents (before they existed): the sums are unscaled, exponent 0
+        self.exponents_a.copy_(states.get("exponent_a", self.exponents_a))
+        self.exponents_b.copy_(states.get("exponent_b", self.exponents_b))
 
     # ----------------------------------------------------------------------------- update
     def update(
@@ -285,11 +300,10 @@ class StreamingLinearCKA:
         """
         check_sides(self, features_b)
         where = self.n_batches if batch_index is None else batch_index
-        x, dims_a = self._concat(features_a, self.num_layers_a, self.layer_names_a, "A", where)
-        y, dims_b = (
-            (x, None)
-            if features_b is None
-            else self._concat(features_b, self.num_layers_b, self.layer_names_b, "B", where)
+        first = self.n_samples == 0  # the first batch fixes the scale exponents of the run
+        x, dims_a, exps_a = self._concat(features_a, "a", first, where)
+        y, dims_b, exps_b = (
+            (x, None, exps_a) if features_b is None else self._concat(features_b, "b", first, where)
         )
         if y.shape[0] != x.shape[0]:
             raise ShapeMismatchError(
@@ -304,24 +318,31 @@ class StreamingLinearCKA:
                 f"{dims_b or dims_a}; every batch must come from the same layers"
             )
         x, y = x.to(self._buffer.device), y.to(self._buffer.device)
-        if self.n_samples == 0:  # the reference shift: this first batch's mean
+        if first:  # the reference shift: this first batch's mean (scaled)
+            self.exponents_a.copy_(exps_a)
+            self.exponents_b.copy_(exps_b)
             self.shift_a.copy_(x.mean(0))
             self.shift_b.copy_(y.mean(0))
         self._accumulate(x - self.shift_a, None if features_b is None else y - self.shift_b)
 
     def _concat(
-        self,
-        features: Sequence[torch.Tensor],
-        num_layers: int,
-        names: list[str],
-        side: str,
-        batch_index: int,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """The layers of one side side by side as float64 ``(n, P)``, and their widths."""
-        feats = validated_features(features, num_layers, names, side, batch_index)
-        if feats[0].shape[0] == 0:
-            raise BatchTooSmallError(f"expected at least one sample in the batch for side {side}")
-        return torch.cat(feats, dim=1), [f.shape[1] for f in feats]
+        self, features: Sequence[torch.Tensor], side: str, first: bool, batch_index: int
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """The scaled layers of one side side by side as float64 ``(n, P)``, their widths and
+        their scale exponents (this batch's when ``first``, else the run's)."""
+        count, names = (
+            (self.num_layers_a, self.layer_names_a)
+            if side == "a"
+            else (self.num_layers_b, self.layer_names_b)
+        )
+        feats = validated_features(features, count, side.upper())
+        exponents = scale_exponents(feats) if first else getattr(self, f"exponents_{side}")
+        scaled = scaled_features(feats, exponents)
+        # sum_i ||x_i||^4, the highest moment kept: NaN or Inf when any activation is, or when
+        # activations far larger than the first batch's leave the float64 range
+        quartic = torch.stack([x.square().sum(1).square().sum() for x in scaled])
+        check_finite_layers(quartic, names, batch_index, feats, exponents)
+        return torch.cat(scaled, dim=1), [f.shape[1] for f in feats], exponents
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Add the moments of shifted features ``x (n, P)`` and ``y (n, Q)`` (None: y = x)."""
@@ -369,17 +390,78 @@ class StreamingLinearCKA:
                 f"cannot merge layer widths {other.dims_a} x {other.dims_b} into "
                 f"{self.dims_a} x {self.dims_b}"
             )
+        if not (
+            torch.equal(other.exponents_a, self.exponents_a)
+            and torch.equal(other.exponents_b, self.exponents_b)
+        ):  # re-express both at the larger exponent of each layer (other is left untouched)
+            common_a = torch.maximum(self.exponents_a, other.exponents_a)
+            common_b = torch.maximum(self.exponents_b, other.exponents_b)
+            other = other._copy()
+            other._rescale(common_a, common_b)
+            self._rescale(common_a, common_b)
         device = self._buffer.device
         self._rebase(other.shift_a.to(device), other.shift_b.to(device))
         self._buffer += other._buffer.to(device)
         return self
 
+    def _copy(self) -> StreamingLinearCKA:
+        """An independent accumulator holding the same states."""
+        copy = StreamingLinearCKA(
+            self.num_layers_a,
+            None if self.self_similarity else self.num_layers_b,
+            debiased=self.debiased,
+            layer_names_a=self.layer_names_a,
+            layer_names_b=self.layer_names_b,
+        )
+        copy.load_state_dict(self.state_dict())
+        return copy
+
+    def _rescale(self, exponents_a: torch.Tensor, exponents_b: torch.Tensor) -> None:
+        """Re-express every sum for features scaled by ``2^-exponents`` instead of the current
+        exponents: with ``f = 2^(old - new)`` per layer (``f_c`` for that layer's columns), a
+        state of degree ``k`` in a side's features is multiplied by ``f^k`` (exact): ``s`` and
+        the shift by ``f_c``, ``sum a u`` by ``f_c^3``, ``sum a`` and the Gram blocks by ``f^2``,
+        ``sum a^2`` by ``f^4``, and the cross terms by the product of both sides' factors."""
+        new = {"a": exponents_a.to(torch.float64).cpu(), "b": exponents_b.to(torch.float64).cpu()}
+        old = {"a": self.exponents_a, "b": self.exponents_b}
+        if all(torch.equal(old[side], new[side]) for side in ("a", "b")):
+            return
+        device = self._buffer.device
+        per_layer, per_column = {}, {}
+        for side in ("a", "b"):
+            layer_of = self._segments["a" if self.self_similarity else side][1]
+            per_layer[side] = torch.pow(2.0, old[side] - new[side]).to(device)
+            per_column[side] = per_layer[side][layer_of]
+        (f_a, f_b), (c_a, c_b) = per_layer.values(), per_column.values()
+        s = self.states
+        s["cross"].mul_(torch.outer(c_a, c_b))
+        s["cross_sq_ab"].mul_(torch.outer(c_a, f_b**2))
+        s["sq_sq"].mul_(torch.outer(f_a**2, f_b**2))
+        if not self.self_similarity:
+            s["cross_sq_ba"].mul_(torch.outer(c_b, f_a**2))
+        for side, dims in self._sides():
+            f, c = per_layer[side], per_column[side]
+            s[f"sum_{side}"].mul_(c)
+            s[f"self_sq_{side}"].mul_(c**3)
+            s[f"sq_{side}"].mul_(f**2)
+            s[f"quartic_{side}"].mul_(f**4)
+            sizes = torch.tensor([d * d for d in dims], device=device)
+            s[f"gram_{side}"].mul_(torch.repeat_interleave(f**2, sizes))
+        self.shift_a.mul_(c_a)
+        self.exponents_a.copy_(new["a"])
+        if not self.self_similarity:
+            self.shift_b.mul_(c_b)
+            self.exponents_b.copy_(new["b"])
+
     def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the states across processes with TWO calls of ``all_reduce_sum``.
 
-        The first sums ``[n * shift_a, n * shift_b, n]`` to agree on a common shift (the
-        sample-weighted mean of the processes' shifts); every process re-expresses its sums at
-        that shift, and the second call sums the flat state buffer. ``all_reduce_sum`` receives
+        The first sums the scale exponents (see :func:`~hf_cka.accumulation.exponent_header`) and
+        ``[n * shift_a, n * shift_b, n]`` to agree on a common shift (the sample-weighted mean of
+        the processes' shifts); every process re-expresses its sums at that shift, and the
+        second call sums the flat state buffer. In the rare case where the processes' scale
+        exponents differ, each re-expresses its sums at their rounded mean and the shifts are
+        summed once more (three calls). ``all_reduce_sum`` receives
         a 1-D float64 tensor and returns the element-wise sum over processes.
 
         Raises:
@@ -392,10 +474,20 @@ class StreamingLinearCKA:
             )
         n = self.states["n_samples"]
         shifts = [self.shift_a] + ([] if self.self_similarity else [self.shift_b])
-        head = all_reduce_sum(torch.cat([n * v for v in shifts] + [n.reshape(1)]))
+        weighted_shifts = lambda: torch.cat([n * v for v in shifts] + [n.reshape(1)])  # noqa: E731
+        exponents = [self.exponents_a] + ([] if self.self_similarity else [self.exponents_b])
+        header = exponent_header(torch.cat(exponents), self.n_samples > 0).to(self._buffer.device)
+        head = all_reduce_sum(torch.cat([header, weighted_shifts()]))
         head = head.to(device=self._buffer.device, dtype=torch.float64)
-        if head[-1] == 0:
+        common, agreed = common_exponents(head[: header.numel()])
+        head = head[header.numel() :]
+        if common is None:
             return
+        la = self.num_layers_a
+        self._rescale(common[:la], common[:la] if self.self_similarity else common[la:])
+        if not agreed:  # rare: the shifts were summed in different scales, sum them again
+            head = all_reduce_sum(weighted_shifts())
+            head = head.to(device=self._buffer.device, dtype=torch.float64)
         common = head[:-1] / head[-1]
         p = self.shift_a.numel()
         self._rebase(common[:p], common[:p] if self.self_similarity else common[p:])
@@ -487,6 +579,7 @@ class StreamingLinearCKA:
                 "data or use debiased=False"
             )
         if not self.debiased:
+            assert self.dims_a is not None and self.dims_b is not None  # allocated: n > 0
             biased_dimension_warning(n, self.dims_a + self.dims_b, stacklevel=3)
         self_a = self._defined_self_terms("a", self.layer_names_a)
         names_b = self.layer_names_b
@@ -620,92 +713,3 @@ def new_accumulator(
         dims_b=dims_b,
         **names,
     )
-
-
-def permutation_null(
-    features_a: Features,
-    features_b: Features | None = None,
-    *,
-    estimator: Estimator = "debiased",
-    batch_size: int | None = None,
-    permutations: int = 5,
-    generator: torch.Generator | None = None,
-    kernel: Kernel = "linear",
-    threshold: float = 1.0,
-) -> torch.Tensor:
-    """CKA of ``features_a`` against ``features_b`` with the sample pairing shuffled.
-
-    Each permutation draws one random order of the samples and applies it to every B layer
-    (the rows of A stay in place), then runs ``estimator`` exactly as a real comparison would:
-    the exact estimators over all samples (``batch_size`` only bounds the memory of a step),
-    ``"minibatch"`` over consecutive batches of ``batch_size`` (default: one batch of all
-    samples). Shuffling destroys any dependence between the two sides, so the values show the
-    floor an estimator reports for unrelated representations of this ``n`` and these widths:
-    about 0 (within ``+-`` a few ``1/n``) for the debiased and minibatch estimators, and far above
-    0 for biased CKA when ``n`` is not much larger than ``d``. ``values.mean(0)`` and
-    ``values.std(0)`` summarise it per cell.
-
-    Args:
-        features_a: one ``(n, d)`` tensor per A layer (a list, or a dict such as
-            ``AutoCKA.extract_features`` returns; its keys name the layers).
-        features_b: the B layers for the same samples; ``None`` uses ``features_a``.
-        estimator: ``"debiased"``, ``"linear"`` (biased) or ``"minibatch"``.
-        batch_size: samples per ``update``.
-        permutations: number of random pairings.
-        generator: source of the permutations (seed it for reproducible values).
-        kernel: kernel of the minibatch estimator.
-        threshold: RBF bandwidth factor of the minibatch estimator.
-
-    Returns:
-        A float64 tensor ``(permutations, La, Lb)`` of null CKA values.
-    """
-    if permutations < 1:
-        raise InvalidInputError(f"expected permutations >= 1, got {permutations}")
-    names_a, feats_a = _named(features_a)
-    names_b, feats_b = (names_a, feats_a) if features_b is None else _named(features_b)
-    n = feats_a[0].shape[0]
-    if any(f.shape[0] != n for f in feats_a + feats_b):
-        raise ShapeMismatchError(
-            f"every layer must hold the same {n} samples, got "
-            f"{sorted({f.shape[0] for f in feats_a + feats_b})} rows"
-        )
-    step = n if batch_size is None else batch_size
-    values = []
-    for _ in range(permutations):
-        order = torch.randperm(n, generator=generator)
-        metric = new_accumulator(
-            estimator, len(feats_a), len(feats_b), kernel=kernel, threshold=threshold,
-            layer_names_a=names_a, layer_names_b=names_b,
-        )  # fmt: skip
-        for start in range(0, n, step):
-            rows = order[start : start + step]
-            metric.update([f[start : start + step] for f in feats_a], [f[rows] for f in feats_b])
-        values.append(metric.compute())
-    return torch.stack(values)
-
-
-def _named(features: Features) -> tuple[list[str] | None, list[torch.Tensor]]:
-    """Layer names (None for a list) and feature tensors of a list or a name -> tensor dict."""
-    if isinstance(features, Mapping):
-        return [str(k) for k in features], list(features.values())
-    return None, list(features)
-
-
-def stderr_target_reached(
-    metric: MinibatchCKA, target_stderr: float, *, min_batches: int = 10
-) -> bool:
-    """Whether a ``compare(..., target_stderr=...)`` run may stop after the batches seen so far.
-
-    True once ``metric`` holds at least ``min_batches`` batches and every defined cell's
-    delta-method standard error (:meth:`MinibatchCKA.compute_stderr`) is at most
-    ``target_stderr``. Cells of constant layers (non-finite standard error) are ignored. The
-    minimum matters: with few batches the variance estimate is itself noisy, and stopping the
-    first time it happens to be small would make the intervals too narrow.
-    """
-    if target_stderr <= 0:
-        raise InvalidInputError(f"expected target_stderr > 0, got {target_stderr}")
-    if metric.n_batches < max(min_batches, 2):
-        return False
-    stderr = metric.compute_stderr()
-    defined = stderr[torch.isfinite(stderr)]
-    return bool((defined <= target_stderr).all())

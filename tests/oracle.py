@@ -19,6 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+
+def kornblith_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 data ``x (100, 10)`` and ``y = x + noise`` of the Kornblith et al. demo
+    notebook (``np.random.seed(1337)``), whose CKA values DESIGN.md quotes."""
+    rng = np.random.RandomState(1337)
+    x = rng.randn(100, 10)
+    y = rng.randn(100, 10) + x
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def gram_linear(x: np.ndarray) -> np.ndarray:

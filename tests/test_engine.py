@@ -382,3 +382,33 @@ def test_mean_pooled_result_ignores_extra_padding():
     at_10 = CKA(model1, model2, progress=False)(short)
     at_20 = CKA(model1, model2, progress=False)(long)
     np.testing.assert_allclose(at_20.numpy(), at_10.numpy(), rtol=0, atol=1e-10)
+
+
+def _internal_imports(module: str) -> set[str]:
+    """hf_cka modules that ``hf_cka/<module>.py`` imports anywhere (lazy imports included)."""
+    import ast
+    from pathlib import Path
+
+    import hf_cka
+
+    tree = ast.parse((Path(hf_cka.__file__).parent / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_cka."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_runner_builds_on_capture_and_never_reaches_the_engine():
+    """Data flows one way: engine and runner both build on capture; runner never needs engine."""
+    seen, todo = set(), ["runner"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_internal_imports(module))
+    assert "capture" in seen and "engine" not in seen
+    assert "capture" in _internal_imports("engine")
+    assert "runner" not in _internal_imports("capture") | _internal_imports("engine")

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from hf_cka import functional
-from hf_cka.errors import BatchTooSmallError, InvalidInputError, ShapeMismatchError
+from hf_cka.errors import (
+    BatchTooSmallError,
+    InvalidInputError,
+    NonFiniteActivationError,
+    ShapeMismatchError,
+)
 
 SETTINGS = [
     {"kernel": "linear", "debiased": False},
@@ -26,15 +31,6 @@ def pair(n: int, p: int, q: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     return x, y
 
 
-@pytest.fixture(scope="module")
-def kornblith() -> tuple[torch.Tensor, torch.Tensor]:
-    """The data of the Kornblith et al. demo notebook."""
-    np.random.seed(1337)
-    x = np.random.randn(100, 10)
-    y = np.random.randn(100, 10) + x
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -43,8 +39,8 @@ def kornblith() -> tuple[torch.Tensor, torch.Tensor]:
         ({"kernel": "rbf", "threshold": 0.5}, 0.65483),
     ],
 )
-def test_reference_values(kornblith, kwargs, expected):
-    x, y = kornblith
+def test_reference_values(kwargs, expected):
+    x, y = oracle.kornblith_data()
     assert round(float(functional.cka(x, y, **kwargs)), 5) == expected
 
 
@@ -184,3 +180,51 @@ def test_errors():
     with pytest.raises(BatchTooSmallError, match="at least 4 samples"):
         functional.cka(x[:3], x[:3], debiased=True)
     assert isinstance(BatchTooSmallError("m"), ValueError)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "match"),
+    [
+        (lambda x: x.to(torch.complex128), "real floating-point.*complex128.*x.real"),
+        (lambda x: x.round().to(torch.int64), r"torch.int64; convert them first with \.float\(\)"),
+        (lambda x: x > 0, "torch.bool"),
+    ],
+    ids=["complex", "integer", "bool"],
+)
+def test_complex_integer_and_bool_features_are_refused(make_bad, match):
+    """Complex input used to lose its imaginary part silently; integers must be converted."""
+    x, y = (torch.from_numpy(a) for a in pair(12, 3, 4, seed=17))
+    for args in ((make_bad(x), y), (x, make_bad(y))):
+        with pytest.raises(InvalidInputError, match=match):
+            functional.cka(*args)
+    with pytest.raises(InvalidInputError, match="floating-point"):
+        functional.cka([[1, 2], [3, 4], [5, 7], [1, 1]], x[:4])  # a list of ints is int64
+
+
+def test_empty_features_are_refused():
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(BatchTooSmallError, match=r"at least one sample .* \(0, 3\)"):
+        functional.cka(x[:0], x[:0])
+    with pytest.raises(ShapeMismatchError, match=r"at least one feature .* \(8, 0\)"):
+        functional.cka(x[:, :0], x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(map(str, k.values())))
+def test_non_finite_features_raise_the_accumulators_error(bad, kwargs):
+    """functional.cka used to return NaN where MinibatchCKA raises."""
+    x, y = (torch.from_numpy(a) for a in pair(12, 3, 4, seed=18))
+    y[5, 2] = bad
+    with pytest.raises(NonFiniteActivationError, match="y holds NaN or Inf"):
+        functional.cka(x, y, **kwargs)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_rbf_threshold_is_named(threshold):
+    """A NaN threshold used to give a NaN blamed on the activations."""
+    x, y = (torch.from_numpy(a) for a in pair(12, 3, 4, seed=19))
+    with pytest.raises(InvalidInputError, match=rf"RBF threshold > 0 .* threshold={threshold}"):
+        functional.cka(x, y, kernel="rbf", threshold=threshold)
+    with pytest.raises(InvalidInputError, match=rf"threshold={threshold}"):
+        functional.gram_rbf(x, threshold)
+    assert torch.isfinite(functional.cka(x, y, threshold=float("nan")))  # linear: unused

@@ -23,7 +23,7 @@ import torch
 
 import hf_cka
 from hf_cka import CKA, AutoCKA, MinibatchCKA
-from hf_cka.engine import model_inputs
+from hf_cka.capture import model_inputs
 from hf_cka.errors import InvalidInputError, NonFiniteActivationError, ShapeMismatchError
 from hf_cka.pooling import POOLINGS, padding_mask, pool
 

@@ -27,7 +27,14 @@ from transformers import (
 )
 
 from hf_cka.errors import InvalidInputError, LayerNotFoundError, ShapeMismatchError
-from hf_cka.layers import default_layers, find_blocks, resolve_layers
+from hf_cka.layers import (
+    INPUT_SUFFIX,
+    default_layers,
+    display_name,
+    find_blocks,
+    resolve_layers,
+    split_spec,
+)
 from hf_cka.pooling import POOLINGS, pool
 
 # ------------------------------------------------------------------------------------ pooling
@@ -287,3 +294,13 @@ def test_plain_sequential_falls_back_to_children():
 def test_module_without_children_or_blocks_raises():
     with pytest.raises(LayerNotFoundError, match="no list of transformer blocks"):
         default_layers(nn.Linear(3, 3))
+
+
+def test_layer_spec_format_and_display_names():
+    """layers owns the spec format: capture parses it, plotting asks it for labels."""
+    assert split_spec("encoder.layer.0" + INPUT_SUFFIX) == ("encoder.layer.0", True)
+    assert split_spec("encoder.layer.3") == ("encoder.layer.3", False)
+    assert display_name("encoder.layer.0:input") == "embeddings"  # what default_layers records
+    assert display_name("h.0:input") == "embeddings"
+    assert display_name("encoder.layer.3:input") == "encoder.layer.3:input"
+    assert display_name("encoder.layer.10") == "encoder.layer.10"

@@ -167,6 +167,8 @@ def test_heatmap_rejects_wrong_number_of_layer_names():
 
 def test_short_labels_keep_the_end_and_stay_unique():
     assert _short_labels(["embeddings", "encoder.layer.11"]) == ["embeddings", "layer.11"]
+    # the embedding output as default_layers records it reads as layers.display_name says
+    assert _short_labels(["encoder.layer.0:input", "encoder.layer.0"]) == ["embeddings", "layer.0"]
     clash = ["encoder.layer.0.output", "decoder.layer.0.output"]
     assert _short_labels(clash) == ["encoder.layer.0.output", "decoder.layer.0.output"]
     assert _short_labels(["a.b.c.d", "a.x.c.d"]) == ["b.c.d", "x.c.d"]

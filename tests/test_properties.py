@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of ``hf_cka.functional.cka`` and ``hf_cka.MinibatchCKA``.
+"""Property tests (hypothesis) of ``hf_cka.functional.cka`` and the accumulators.
 
 Hypothesis draws the *shape* of the data (n from 4 to 300 samples, 1 to 2,000 features), its
 structure (Gaussian, rank one, duplicated rows), its magnitude (10^-20 to 10^20) and a seed; the
@@ -38,12 +38,14 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hf_cka import MinibatchCKA
-from hf_cka.errors import ConstantLayerWarning
+from hf_cka.errors import ConstantLayerWarning, EstimatorWarning
 from hf_cka.functional import center_gram, cka, gram, u_center_gram
+from hf_cka.metric import Accumulator
+from hf_cka.streaming import StreamingLinearCKA
 
 settings.register_profile(
     "hf_cka-ci",
@@ -65,6 +67,12 @@ ESTIMATORS = [
 ]
 LOW_PRECISION = {torch.float16: (-3, 2), torch.bfloat16: (-20, 20), torch.float32: (-20, 20)}
 IDENTITY_ATOL = 1e-9
+ACCUMULATORS = {
+    "minibatch-linear": lambda la, lb: MinibatchCKA(la, lb),
+    "minibatch-rbf": lambda la, lb: MinibatchCKA(la, lb, kernel="rbf"),
+    "streaming-linear": lambda la, lb: StreamingLinearCKA(la, lb),
+    "streaming-debiased": lambda la, lb: StreamingLinearCKA(la, lb, debiased=True),
+}
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,8 +174,11 @@ class LayerSpec:
 @st.composite
 def layered(draw: st.DrawFn, exponents: tuple[int, int] = (-20, 20)) -> LayerSpec:
     n = draw(st.integers(4, MAX_N))
-    layers = draw(st.lists(specs(st.just(n), exponents=exponents, max_dim=MAX_LAYER_DIM),
-                           min_size=1, max_size=3))
+    layers = draw(
+        st.lists(
+            specs(st.just(n), exponents=exponents, max_dim=MAX_LAYER_DIM), min_size=1, max_size=3
+        )
+    )
     size = draw(st.integers(4, n))
     sizes = [size] * (n // size)
     rest = n - sum(sizes)
@@ -182,9 +193,13 @@ def median_distance_is_zero(x: torch.Tensor) -> bool:
     return int((counts**2).sum()) > x.shape[0] ** 2 // 2
 
 
-def accumulate(layers: list[torch.Tensor], sizes, other=None) -> MinibatchCKA:
-    """A self-similarity (``other=None``) or two-sided accumulator fed batch by batch."""
-    metric = MinibatchCKA(len(layers)) if other is None else MinibatchCKA(len(layers), len(other))
+def accumulate(
+    layers: list[torch.Tensor], sizes, other=None, metric: Accumulator | None = None
+) -> Accumulator:
+    """``metric`` (default: a self-similarity, ``other=None``, or two-sided MinibatchCKA) fed
+    batch by batch."""
+    if metric is None:
+        metric = MinibatchCKA(len(layers), None if other is None else len(other))
     cuts = [torch.split(f, list(sizes)) for f in layers]
     other_cuts = None if other is None else [torch.split(f, list(sizes)) for f in other]
     for b in range(len(sizes)):
@@ -248,6 +263,51 @@ def test_cka_is_invariant_to_orthogonal_maps_scaling_and_translation(
     assert abs(float(cka(moved, y, **estimator)) - float(cka(x, y, **estimator))) <= 1e-9
 
 
+EXTREME_SCALES = (2.0**-300, 1e-90, 1e76, 1e78, 1e160)
+SCALE_RTOL = 1e-12
+
+
+def assert_same_value(scaled: torch.Tensor, base: torch.Tensor) -> None:
+    """Equal to ``SCALE_RTOL`` relative (both NaN where the value is undefined); the absolute
+    floor of 1e-15 covers values within rounding of 0, where a relative error means nothing."""
+    assert torch.equal(scaled.isnan(), base.isnan()), (scaled, base)
+    defined = ~base.isnan()
+    error = (scaled[defined] - base[defined]).abs()
+    assert bool((error <= SCALE_RTOL * base[defined].abs() + 1e-15).all()), (scaled, base)
+
+
+@settings(CI, max_examples=40)
+@given(spec=pairs(), estimator=st.sampled_from(ESTIMATORS), scale=st.sampled_from(EXTREME_SCALES))
+def test_cka_of_features_scaled_to_the_edges_of_float64_is_unchanged(
+    spec: PairSpec, estimator: dict, scale: float
+) -> None:
+    """Any finite float64 input gives the value of the unscaled input (issue 13: 1e78 gave -0.0,
+    1e76 and 1e-90 a NaN called constant, 1e160 a NaN/Inf error)."""
+    x, y = spec.build()
+    assert_same_value(cka(scale * x, y, **estimator), cka(x, y, **estimator))
+
+
+@settings(CI, max_examples=30)
+@given(
+    spec=layered(),
+    kind=st.sampled_from(sorted(ACCUMULATORS)),
+    scale=st.sampled_from(EXTREME_SCALES),
+)
+def test_accumulators_of_features_scaled_to_the_edges_of_float64_are_unchanged(
+    spec: LayerSpec, kind: str, scale: float
+) -> None:
+    """The per-layer power-of-two scale fixed by the first batch keeps every accumulator's
+    value: side A scaled by ``scale``, side B as is."""
+    layers = spec.build()
+    make = lambda: ACCUMULATORS[kind](len(layers), len(layers))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantLayerWarning)
+        warnings.simplefilter("ignore", EstimatorWarning)
+        base = accumulate(layers, spec.sizes, layers, make()).compute()
+        scaled = accumulate([scale * x for x in layers], spec.sizes, layers, make()).compute()
+    assert_same_value(scaled, base)
+
+
 @settings(CI, max_examples=30)
 @given(
     dtype=st.sampled_from(list(LOW_PRECISION)),
@@ -282,8 +342,11 @@ def test_cka_across_dtypes_within_the_rounding_bound(
     exact = float(cka(x, y, debiased=debiased))
     rounded = float(cka(x.to(dtype), y.to(dtype), debiased=debiased))
     bound = sum(
-        float((unit(centred_gram(f.to(dtype).to(F64), debiased)) - unit(centred_gram(f, debiased)))
-              .norm())
+        float(
+            (
+                unit(centred_gram(f.to(dtype).to(F64), debiased)) - unit(centred_gram(f, debiased))
+            ).norm()
+        )
         for f in (x, y)
     )
     assert abs(rounded - exact) <= bound + 1e-12, (rounded, exact, bound)
@@ -363,6 +426,7 @@ def batch_perturbation(x: torch.Tensor, sizes, dtype: torch.dtype) -> float:
     """``|a~ - a|`` for ``a`` the unit-norm concatenation of the per-batch U-centred Grams of
     ``x`` (batch b weighted by n_b / (n_b (n_b - 3)) as in the accumulator), ``a~`` the same
     for ``x`` rounded to ``dtype``."""
+
     def concatenated(features: torch.Tensor) -> torch.Tensor:
         return unit(torch.cat([
             centred_gram(part, True).reshape(-1) / math.sqrt(part.shape[0] - 3)
@@ -395,20 +459,42 @@ def test_minibatch_low_precision_is_float64_math_within_the_rounding_bound(
     value=st.floats(1e-20, 1e20) | st.floats(-1e20, -1e-20) | st.just(0.0),
     position=st.integers(0, 3),
     self_similarity=st.booleans(),
+    kind=st.sampled_from(sorted(ACCUMULATORS)),
 )
-def test_minibatch_constant_layer_gives_nan_cells_and_one_warning(
-    spec: LayerSpec, value: float, position: int, self_similarity: bool
+@example(  # an RBF kernel of a constant layer U-centres to rounding residues, not to 0
+    spec=LayerSpec((Spec(69, 1, "gaussian", 0, 0),), (4,) * 16 + (5,)),
+    value=0.0,
+    position=0,
+    self_similarity=False,
+    kind="minibatch-rbf",
+)
+def test_constant_layer_gives_nan_cells_and_one_warning(
+    spec: LayerSpec, value: float, position: int, self_similarity: bool, kind: str
 ) -> None:
+    """Every accumulator: a constant layer's cells are NaN, with ONE warning naming it; the
+    other cells stay finite (and so do their standard errors, where there are any)."""
     layers = spec.build()
+    batches = [part for x in layers for part in torch.split(x, list(spec.sizes))]
+    if kind.endswith("rbf") and any(median_distance_is_zero(part) for part in batches):
+        return  # another layer's RBF kernel is constant too (a zero bandwidth in some batch)
     position = min(position, len(layers))
     constant = torch.full((layers[0].shape[0], 3), value, dtype=F64)
     with_constant = [*layers[:position], constant, *layers[position:]]
-    metric = accumulate(with_constant, spec.sizes, None if self_similarity else layers)
+    make = ACCUMULATORS[kind]
+    metric = make(len(with_constant), None if self_similarity else len(layers))
+    accumulate(with_constant, spec.sizes, None if self_similarity else layers, metric)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", EstimatorWarning)  # biased CKA with n < d: not tested here
         matrix = metric.compute()
     assert [w.category for w in caught] == [ConstantLayerWarning]
+    assert f"A[{position}]" in str(caught[0].message)
     assert torch.isnan(matrix[position]).all()
     keep = [i for i in range(len(with_constant)) if i != position]
     rest = matrix[keep][:, keep] if self_similarity else matrix[keep]
     assert bool(torch.isfinite(rest).all())
+    if isinstance(metric, MinibatchCKA) and len(spec.sizes) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantLayerWarning)
+            stderr = metric.compute_stderr()
+        assert not bool(torch.isfinite(stderr[position]).any())

@@ -17,7 +17,7 @@ import torch
 
 from hf_cka import MinibatchCKA, functional
 from hf_cka.errors import InvalidInputError
-from hf_cka.streaming import stderr_target_reached
+from hf_cka.statistics import stderr_target_reached
 
 LATENT = 4
 LAYERS_A, LAYERS_B = ("x", "z"), ("y1", "y2")

@@ -1,4 +1,5 @@
-"""hf_cka.streaming: exact streamed linear CKA, its states, the permutation null and warnings."""
+"""hf_cka.streaming (exact streamed linear CKA, its states, warnings) and hf_cka.statistics'
+permutation null."""
 
 from __future__ import annotations
 
@@ -8,23 +9,23 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_accumulators import FakeProcessGroup
 
 from hf_cka import MinibatchCKA, functional
 from hf_cka.errors import (
     BatchTooSmallError,
-    ConstantLayerWarning,
     EstimatorWarning,
     InvalidInputError,
     MemoryBudgetError,
     NonFiniteActivationError,
     ShapeMismatchError,
 )
+from hf_cka.statistics import permutation_null
 from hf_cka.streaming import (
     StreamingLinearCKA,
     biased_dimension_warning,
     estimate_bytes,
     new_accumulator,
-    permutation_null,
 )
 
 DIMS_A, DIMS_B = [3, 8, 5], [4, 2, 9, 6]
@@ -148,27 +149,6 @@ def test_merge_of_accumulators_with_different_first_batches(self_similarity):
         single.merge(wider)
 
 
-class FakeProcessGroup:
-    """``world`` threads that sum their tensors like ``torch.distributed.all_reduce``."""
-
-    def __init__(self, world: int) -> None:
-        self.barrier = threading.Barrier(world)
-        self.slots: list[torch.Tensor | None] = [None] * world
-        self.calls = [0] * world
-
-    def all_reduce_sum(self, rank: int):
-        def reduce(flat: torch.Tensor) -> torch.Tensor:
-            assert flat.dim() == 1 and flat.dtype == torch.float64
-            self.calls[rank] += 1
-            self.slots[rank] = flat.clone()
-            self.barrier.wait()
-            total = sum(self.slots[1:], self.slots[0].clone())  # same order on every rank
-            self.barrier.wait()  # nobody overwrites a slot before all have read it
-            return total
-
-        return reduce
-
-
 @pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
 def test_sync_over_three_fake_processes_equals_one_process(debiased):
     feats_a, feats_b = layers(90, DIMS_A, 10, offset=50.0), layers(90, DIMS_B, 11, offset=50.0)
@@ -244,23 +224,6 @@ def test_memory_budget_is_checked_before_allocating():
         if dims_b is None:
             allocated -= 8 * metric.shift_b.numel()  # the same tensor
         assert allocated <= estimate_bytes(DIMS_A, dims_b) <= 3 * allocated
-
-
-@pytest.mark.parametrize("self_similarity", [False, True])
-def test_constant_layer_gives_nan_cells_and_one_warning(self_similarity):
-    feats_a, feats_b = layers(36, [4, 5], 14), layers(36, [3, 6], 15)
-    feats_a = [feats_a[0], torch.full((36, 5), 0.1, dtype=torch.float64), feats_a[1]]
-    metric = StreamingLinearCKA(3, None if self_similarity else 2, debiased=True)
-    fed(metric, feats_a, None if self_similarity else feats_b, [12, 12, 12])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = metric.compute()
-    constant_warnings = [w for w in caught if issubclass(w.category, ConstantLayerWarning)]
-    assert len(constant_warnings) == 1
-    assert "A[1]" in str(constant_warnings[0].message)
-    assert torch.isnan(got[1]).all()
-    keep = [0, 2]
-    assert torch.isfinite(got[keep][:, keep] if self_similarity else got[keep]).all()
 
 
 def test_debiased_needs_four_samples_in_total_not_per_batch():

@@ -1,0 +1,180 @@
+"""Pieces every accumulator shares: input checks, per-layer scale exponents, constant layers.
+
+* :func:`validated_features` turns one side's layers into float64 ``(n, d)`` tensors (the typed
+  errors of :func:`hf_cka.functional.as_features` included) and :func:`check_finite_layers`
+  names the layer and batch of a NaN or Inf;
+* the scale: CKA is invariant to rescaling a layer, but the high powers of the features that the
+  accumulators' states hold overflow or underflow float64 for features near ``1e78`` or
+  ``1e-90``. Each layer is multiplied by ``2^-e`` (exact in binary floating point), with ``e``
+  the multiple of :data:`SCALE_STEP` nearest to ``log2 max|x|`` of the first batch
+  (:func:`scale_exponents`), kept for the whole run; :func:`exponent_header` and
+  :func:`common_exponents` let processes agree on common exponents inside an all-reduce;
+* :func:`nan_constant_layers` turns the cells of layers constant over the data into NaN.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .errors import (
+    ConstantLayerWarning,
+    InvalidInputError,
+    NonFiniteActivationError,
+    ShapeMismatchError,
+)
+from .functional import as_features, scale_exponent
+
+# A layer whose centred Gram energy is below this fraction of its raw Gram energy is constant
+# over the data up to float64 rounding: its CKA is undefined (NaN), never divided by an epsilon.
+CONSTANT_RTOL = 1e-20
+
+# Per-layer scale exponents are multiples of this step: features of ordinary magnitude keep
+# exponent 0 (no rescaling at all), and processes of a distributed run nearly always agree.
+SCALE_STEP = 64
+
+
+def constant_layers(hsic_self: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Per layer: whether its self HSIC is at most :data:`CONSTANT_RTOL` of its raw Gram energy
+    (the layer is constant over the data up to float64 rounding)."""
+    return hsic_self <= CONSTANT_RTOL * raw.abs()
+
+
+def nan_constant_layers(
+    hsic_self: torch.Tensor, raw: torch.Tensor, names: Sequence[str]
+) -> torch.Tensor:
+    """``hsic_self`` with NaN for layers that are constant over the data (one warning)."""
+    constant = constant_layers(hsic_self, raw)
+    if constant.any():
+        listed = ", ".join(f"'{names[i]}'" for i in constant.nonzero().flatten().tolist())
+        warnings.warn(
+            f"layer(s) {listed} are constant over the data (zero variance): their CKA is "
+            "undefined and reported as NaN",
+            ConstantLayerWarning,
+            stacklevel=3,
+        )
+    return torch.where(constant, torch.full_like(hsic_self, float("nan")), hsic_self)
+
+
+def scale_exponents(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per layer: the multiple of :data:`SCALE_STEP` nearest to ``log2 max|x|`` (float64 ``(L,)``).
+
+    Computed from the largest absolute entry, never from a norm, so that it cannot overflow.
+    Non-finite features give 0 here and are refused by the finiteness check that follows.
+    """
+    max_abs = torch.stack([x.detach().abs().amax().to(torch.float64) for x in features])
+    exponents = scale_exponent(torch.where(torch.isfinite(max_abs), max_abs, 0.0))
+    return (SCALE_STEP * torch.round(exponents / SCALE_STEP)).cpu()
+
+
+def exponent_header(exponents: torch.Tensor, has_data: bool) -> torch.Tensor:
+    """``[w e, w e^2, w]`` (``w`` = 1 when this process has data): summed over processes, it
+    tells :func:`common_exponents` the mean exponents and whether all processes agree."""
+    weight = 1.0 if has_data else 0.0
+    exponents = exponents.to(torch.float64).cpu()
+    return torch.cat([weight * exponents, weight * exponents**2, torch.tensor([weight])])
+
+
+def common_exponents(summed_header: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """From the sum over processes of :func:`exponent_header`: the common exponents (their mean,
+    rounded to a multiple of :data:`SCALE_STEP`; ``None`` when no process has data) and whether
+    every process with data already has them (``count * sum e^2 == (sum e)^2``, exact for
+    these integers)."""
+    summed_header = summed_header.to(torch.float64).cpu()
+    size = (summed_header.numel() - 1) // 2
+    total, squares, count = summed_header[:size], summed_header[size:-1], summed_header[-1]
+    if count == 0:
+        return None, True
+    agreed = bool((squares * count == total * total).all())
+    return SCALE_STEP * torch.round(total / count / SCALE_STEP), agreed
+
+
+def validated_features(
+    features: Sequence[torch.Tensor], num_layers: int, side: str
+) -> list[torch.Tensor]:
+    """One side's features as float64 ``(n, d)`` tensors on the first layer's device (their
+    finiteness is checked by the accumulators, after scaling, where it costs least).
+
+    Raises:
+        ShapeMismatchError: not one tensor per layer, or layers with different sample counts.
+    """
+    if len(features) != num_layers:
+        raise ShapeMismatchError(
+            f"expected {num_layers} feature tensors for side {side}, got {len(features)}"
+        )
+    sizes = {int(f.shape[0]) for f in features}
+    if len(sizes) != 1:
+        raise ShapeMismatchError(
+            f"every layer of side {side} must hold the same samples, got batch sizes "
+            f"{sorted(sizes)}"
+        )
+    device = features[0].device  # layers of a model split over devices meet on the first
+    return [as_features(feats).to(device) for feats in features]
+
+
+def scaled_features(
+    features: Sequence[torch.Tensor], exponents: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each layer's features times ``2^-e`` for its exponent ``e`` (exact; 0 is a no-op).
+
+    The factor is applied as two exact powers of two (``2^-e`` alone can leave the float64
+    range) computed on the features' device, so no exponent is read back to the host.
+    """
+    e = exponents.to(torch.float64)
+    half = torch.floor(e / 2)
+    factors = torch.stack((torch.exp2(-half), torch.exp2(half - e))).to(features[0].device)
+    return [x * factors[0, i] * factors[1, i] for i, x in enumerate(features)]
+
+
+def check_finite_layers(
+    per_layer: torch.Tensor,
+    names: Sequence[str],
+    batch_index: int,
+    features: Sequence[torch.Tensor],
+    exponents: torch.Tensor,
+) -> None:
+    """Raise for the first layer whose value in ``per_layer`` (a sum over its scaled
+    activations, or their Gram diagonal) is NaN or Inf.
+
+    A non-finite activation makes it so -- or finite ``features`` (unscaled) that are so much
+    larger than the first batch's that, scaled by ``2^-exponents``, they leave the float64 range;
+    the message says which.
+    """
+    finite = torch.isfinite(per_layer.reshape(len(names), -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    index = int((~finite).nonzero()[0])
+    name, values = names[index], features[index]
+    if bool(torch.isfinite(values).all()):
+        largest = float(values.abs().max())
+        raise NonFiniteActivationError(
+            f"layer '{name}' has activations up to {largest:.3g} in batch {batch_index}, far "
+            f"beyond the scale fixed by the first batch (2^{int(exponents[index])}): their "
+            "squares leave the float64 range; feed batches of comparable magnitude (or call "
+            "reset() and start with such a batch)"
+        )
+    raise NonFiniteActivationError(
+        f"layer '{name}' produced NaN or Inf activations in batch {batch_index}; "
+        "check the inputs and the model's dtype (float16 overflows easily: load the "
+        "model in float32 or bfloat16)"
+    )
+
+
+def layer_names(
+    num_layers_a: int,
+    num_layers_b: int | None,
+    names_a: Sequence[str] | None = None,
+    names_b: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Validated display names of both sides (``A[i]``/``B[j]`` by default; side B mirrors A
+    when ``num_layers_b`` is None)."""
+    if num_layers_a < 1 or (num_layers_b is not None and num_layers_b < 1):
+        raise InvalidInputError(
+            f"expected at least one layer on each side, got {num_layers_a} and {num_layers_b}"
+        )
+    names_a = list(names_a or [f"A[{i}]" for i in range(num_layers_a)])
+    if num_layers_b is None:
+        return names_a, list(names_b or names_a)
+    return names_a, list(names_b or [f"B[{j}]" for j in range(num_layers_b)])
