@@ -159,9 +159,10 @@ def _dataset_sha(repo_id: str, token: str | bool | None) -> str | None:
 
     from ._network import NETWORK_ERRORS
 
+    unreachable: tuple[type[BaseException], ...] = (OSError, *NETWORK_ERRORS)
     try:
         return HfApi().dataset_info(repo_id, token=token).sha
-    except (OSError, *NETWORK_ERRORS):
+    except unreachable:  # unknown to the Hub, or offline: no revision recorded
         return None
 
 

@@ -295,11 +295,12 @@ def is_fingerprint(spec: Any, revision: str | None = None, token: str | bool | N
     from huggingface_hub import file_exists
     from huggingface_hub.errors import HFValidationError
 
+    unreachable: tuple[type[BaseException], ...] = (HFValidationError, OSError, *NETWORK_ERRORS)
     try:
         return file_exists(
             str(spec), FINGERPRINT_FILE, repo_type="dataset", revision=revision, token=token
         )
-    except (HFValidationError, OSError, *NETWORK_ERRORS):  # not a repo id, or offline
+    except unreachable:  # not a repo id, or offline
         return False
 
 

@@ -325,3 +325,21 @@ def test_extract_features_reads_a_stored_side(saved, tmp_path: Path) -> None:
     direct = AutoCKA.from_pretrained(saved("gpt2")).extract_features(TEXTS, batch_size=6)
     extracted = auto.extract_features(TEXTS, model="b", batch_size=6)
     assert all(torch.equal(extracted[k], direct[k]) for k in direct)
+
+
+def test_hub_dataset_revision_is_recorded_and_reused(hub, saved, tmp_path: Path) -> None:
+    """A Hub dataset's commit sha is the fingerprint's data revision, and compare() without data
+    reloads the dataset it names."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    repo_id = f"{hub.user}/texts-{uuid.uuid4().hex[:8]}"
+    datasets.Dataset.from_dict({"text": TEXTS}).push_to_hub(repo_id)
+    stored = AutoCKA.fingerprint(saved("bert"), repo_id, **OPTIONS)
+    assert stored.data["dataset"] == repo_id
+    assert stored.data["data_revision"] == HfApi().dataset_info(repo_id).sha
+    listed = AutoCKA.fingerprint(saved("bert"), TEXTS, **OPTIONS)
+    assert stored.batch_digests == listed.batch_digests  # the same samples, whatever the source
+    stored.save(tmp_path / "fp")
+    result = AutoCKA.from_pretrained(str(tmp_path / "fp"), saved("gpt2")).compare(**OPTIONS)
+    assert result.metadata["dataset"] == repo_id and result.metadata["n_samples"] == 45
