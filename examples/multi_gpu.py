@@ -1,6 +1,6 @@
 """CKA on several GPUs: data parallel with ``accelerate launch``, or one big model per GPU set.
 
-    accelerate launch --num_processes 4 examples/multi_gpu.py   # 4 processes, one GPU each
+    accelerate launch --multi_gpu --num_processes 4 examples/multi_gpu.py   # 4 processes
     python examples/multi_gpu.py --device-map auto              # 1 process, models split
     python examples/multi_gpu.py --offline                      # tiny local models, 1 process
 
@@ -10,7 +10,7 @@ run on the same batches. ``--device-map auto`` instead spreads each model's laye
 visible GPUs in one process (for models too big for one device). Only the main process writes
 ``multi_gpu.png`` and the result folder ``multi_gpu/`` (and, with ``--offline``, the tiny models
 in ``multi_gpu_offline_models/``). Same from the shell:
-``accelerate launch -m hf_cka compare MODEL_A MODEL_B``.
+``accelerate launch --multi_gpu --num_processes 4 -m hf_cka compare MODEL_A MODEL_B``.
 """
 
 import argparse

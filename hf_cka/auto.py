@@ -8,16 +8,16 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from typing_extensions import Unpack
 
 from . import distributed
-from ._network import clean_token
-from .data import batch_samples, load_samples
+from .data import MIN_BATCH, batch_samples, load_samples
 from .errors import (
     EstimatorWarning,
     InvalidInputError,
@@ -25,19 +25,13 @@ from .errors import (
     TokenizerMismatchError,
 )
 from .layers import LayerSpec, Part, resolve_layers
+from .logging import warn
 from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader
-from .pooling import check_pooling
-from .runner import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_LENGTH,
-    Accumulated,
-    Callback,
-    Comparison,
-    Extractor,
-    RunOptions,
-    run_comparisons,
-)
+from .options import DEFAULTS, MIN_MAX_LENGTH, RunChanges, RunOptions, check_int
+from .pooling import Pooling, check_pooling
+from .runner import Accumulated, Comparison, Extractor, check_max_length, run_comparisons
+from .tokens import clean_token
 
 if TYPE_CHECKING:
     from .fingerprint import Fingerprint
@@ -68,15 +62,17 @@ class AutoCKA:
         *,
         layers_a: str | Sequence[LayerSpec] = "auto",
         layers_b: str | Sequence[LayerSpec] = "auto",
-        pooling: str = "mean",
+        pooling: Pooling = DEFAULTS.pooling,
         part_a: Part = "encoder",
         part_b: Part = "encoder",
         token: str | bool | None = None,
     ) -> None:
+        _check_some_layers(layers_a=layers_a, layers_b=layers_b)
         self.model_a = model_a
         self.model_b = model_b if model_b is not None else model_a
         self.same_model = self.model_b is self.model_a
-        self.pooling = check_pooling(pooling)
+        check_pooling(pooling)
+        self.pooling: Pooling = pooling
         self.layers_a = resolve_layers(
             model_a.model, layers_a, model_name=model_a.name, part=part_a
         )
@@ -103,7 +99,7 @@ class AutoCKA:
         revision_b: str | None = None,
         layers_a: str | Sequence[LayerSpec] = "auto",
         layers_b: str | Sequence[LayerSpec] = "auto",
-        pooling: str = "mean",
+        pooling: Pooling = DEFAULTS.pooling,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
@@ -122,14 +118,12 @@ class AutoCKA:
         A fingerprint (a folder or Hub dataset repo with ``fingerprint.json``, see
         :meth:`fingerprint`) stands in for a model: ``compare`` then runs only the other
         model's forward passes.
+
+        Raises:
+            InvalidInputError: an empty layer list or an unknown pooling, before any download.
         """
         check_pooling(pooling)
-        loading: dict[str, Any] = {
-            "dtype": dtype,
-            "device": device,
-            "device_map": device_map,
-            "trust_remote_code": trust_remote_code,
-        }
+        _check_some_layers(layers_a=layers_a, layers_b=layers_b)
         if any(_names_fingerprint(spec, rev, token) for spec, rev in
                ((model_a, revision_a), (model_b, revision_b))):  # fmt: skip
             from .combine import TwoPhaseCKA
@@ -137,9 +131,16 @@ class AutoCKA:
             return TwoPhaseCKA.from_sources(
                 model_a, model_b, revision_a=revision_a, revision_b=revision_b,
                 layers_a=layers_a, layers_b=layers_b, pooling=pooling, part_a=part_a,
-                part_b=part_b, token=clean_token(token), **loading,
+                part_b=part_b, token=clean_token(token), dtype=dtype, device=device,
+                device_map=device_map, trust_remote_code=trust_remote_code,
             )  # fmt: skip
-        loader = ModelLoader(**loading, token=clean_token(token))
+        loader = ModelLoader(
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            token=clean_token(token),
+        )
         loaded_a = loader.load(model_a, revision_a)
         loaded_b = None if model_b is None else loader.load(model_b, revision_b)
         if loaded_b is None and loaded_a.base is not None:  # lone adapter: base vs adapted
@@ -173,28 +174,7 @@ class AutoCKA:
 
     # ------------------------------------------------------------------ running
     def compare(
-        self,
-        data: Any = None,
-        *,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_length: int | None = DEFAULT_MAX_LENGTH,
-        num_samples: int | None = None,
-        text_column: str = "text",
-        dataset_config: str | None = None,
-        split: str | None = None,
-        callback: Callback | None = None,
-        progress: bool = True,
-        sort_by_length: bool = True,
-        chunk_batches: int = 8,
-        kernel: str = "linear",
-        threshold: float = 1.0,
-        estimator: str = "minibatch",
-        max_bytes: int | None = None,
-        null_permutations: int = 0,
-        seed: int = 0,
-        target_stderr: float | None = None,
-        checkpoint_dir: str | None = None,
-        checkpoint_every: int = 50,
+        self, data: Any = None, options: RunOptions | None = None, **changes: Unpack[RunChanges]
     ) -> CKAResult:
         """Minibatch CKA of every layer pair over ``data``; returns a ``CKAResult``.
 
@@ -202,55 +182,27 @@ class AutoCKA:
             data: ``None`` (built-in probe corpus), a list of strings (or images), a
                 ``datasets.Dataset``/``IterableDataset``, a local data file or folder, or a Hub
                 dataset id.
-            batch_size: samples per CKA minibatch (>= 4); also the forward batch size.
-            max_length: truncate texts to this many tokens (``None``: the model's limit).
-            num_samples: use at most this many samples.
-            text_column: the dataset column holding texts (images are found automatically).
-            dataset_config: Hub dataset configuration name.
-            split: dataset split (default ``"train"`` or the first one).
-            callback: ``callback(batch_idx, total, current_matrix)`` after every batch (this
-                process's partial matrix in a distributed run).
-            progress: show a progress bar (main process only).
-            sort_by_length: run forward passes over length-sorted sub-batches of a chunk
-                (faster; the CKA minibatches and the result are unchanged).
-            chunk_batches: CKA batches per sorting chunk.
-            kernel: ``"linear"`` or ``"rbf"`` (bandwidth: ``threshold`` x per-batch median).
-            threshold: RBF bandwidth factor.
-            estimator: ``"minibatch"`` (Nguyen et al.; default, with standard errors),
-                ``"linear"`` (exact full-data biased linear CKA, Kornblith et al.) or
-                ``"debiased"`` (exact full-data debiased linear CKA); the exact ones are streamed
-                with ``O(d_a d_b)`` memory per layer pair (see ``docs/statistics.md``).
-            max_bytes: refuse an exact estimator whose states would exceed this many bytes.
-            null_permutations: also compute CKA with model B's samples shuffled within each
-                batch this many times; the mean is ``result.null`` (the floor for this n, d).
-            seed: seed of the permutations.
-            target_stderr: stop early once every cell's standard error is below this.
-            checkpoint_dir: save the sums there every ``checkpoint_every`` batches and on any
-                interruption; rerunning with the same arguments resumes from them.
-            checkpoint_every: batches between checkpoints.
+            options: a :class:`~hf_cka.options.RunOptions` (default: the defaults, with this
+                object's ``pooling``).
+            **changes: any :class:`~hf_cka.options.RunOptions` field by name, applied over
+                ``options``: ``batch_size`` (>= 4), ``max_length``, ``num_samples``,
+                ``text_column``, ``dataset_config``, ``split``, ``callback``, ``progress``,
+                ``sort_by_length``, ``chunk_batches``, ``kernel``, ``threshold``, ``estimator``,
+                ``max_bytes``, ``null_permutations``, ``seed``, ``target_stderr``,
+                ``checkpoint_dir``, ``checkpoint_every`` (each documented there).
+
+        Raises:
+            InvalidInputError: an option of the wrong type or value, or a ``pooling`` other than
+                the one this object was built with.
         """
-        options = RunOptions(
-            batch_size=batch_size,
-            max_length=max_length,
-            num_samples=num_samples,
-            text_column=text_column,
-            dataset_config=dataset_config,
-            split=split,
-            callback=callback,
-            progress=progress,
-            sort_by_length=sort_by_length,
-            chunk_batches=chunk_batches,
-            kernel=kernel,
-            threshold=threshold,
-            estimator=estimator,
-            max_bytes=max_bytes,
-            null_permutations=null_permutations,
-            seed=seed,
-            target_stderr=target_stderr,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-        )
-        (result,) = _compare_all([self.comparison], data, self.pooling, options, self._token)
+        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
+        if options.pooling != self.pooling:
+            raise InvalidInputError(
+                f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
+                f"the options ask for pooling={options.pooling!r}; give the options "
+                f"pooling={self.pooling!r}, or from_pretrained pooling={options.pooling!r}"
+            )
+        (result,) = _compare_all([self.comparison], data, options, self._token)
         return result
 
     @classmethod
@@ -262,7 +214,6 @@ class AutoCKA:
         *,
         revision: str | None = None,
         layers: str | Sequence[LayerSpec] = "auto",
-        pooling: str = "mean",
         part: Part = "encoder",
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -270,7 +221,8 @@ class AutoCKA:
         trust_remote_code: bool = False,
         token: str | bool | None = None,
         one_model_at_a_time: bool = True,
-        **compare_options: Any,
+        options: RunOptions | None = None,
+        **changes: Unpack[RunChanges],
     ) -> DriftResult:
         """CKA of a base model against each of several checkpoints; returns a ``DriftResult``.
 
@@ -279,14 +231,16 @@ class AutoCKA:
         is in memory at a time: the base is extracted once, then each checkpoint is loaded,
         extracted, freed and combined with the base (k + 1 forward-pass sets). With
         ``one_model_at_a_time=False`` all models are loaded together and the data streams once
-        (adapters then share one copy of the base weights). ``compare_options`` are those of
-        :meth:`compare` (``batch_size``, ``max_length``, ``num_samples`` ...).
+        (adapters then share one copy of the base weights). ``options`` and ``changes`` are
+        those of :meth:`compare` (``pooling``, ``batch_size``, ``num_samples`` ...), validated
+        before any model is loaded.
         """
         if isinstance(checkpoints, str) or not checkpoints:
             raise InvalidInputError(
                 f"expected a non-empty list of checkpoints, got {checkpoints!r}"
             )
-        check_pooling(pooling)
+        options = (options or DEFAULTS).replace(**changes)
+        _check_some_layers(layers=layers)
         if one_model_at_a_time:
             from .combine import drift_one_at_a_time
             from .extract import ModelSource
@@ -298,9 +252,8 @@ class AutoCKA:
                 for spec, rev in [(base, revision), *((c, None) for c in checkpoints)]
             ]
             results = drift_one_at_a_time(
-                sources[0], sources[1:], data, pooling, RunOptions(**compare_options),
-                clean_token(token),
-            )  # fmt: skip
+                sources[0], sources[1:], data, options, clean_token(token)
+            )
             return _drift_result(base, list(checkpoints), results)
         loader = ModelLoader(
             dtype=dtype,
@@ -316,7 +269,7 @@ class AutoCKA:
                 loader.load(checkpoint),
                 layers_a=layers,
                 layers_b=layers,
-                pooling=pooling,
+                pooling=options.pooling,
                 part_a=part,
                 part_b=part,
                 token=token,
@@ -330,8 +283,7 @@ class AutoCKA:
                     f"'{comparison.model_b.name}' has layers {comparison.layers_b} and the base "
                     f"'{base_model.name}' {comparison.layers_a}; pass layers=[...] that both have"
                 )
-        options = RunOptions(**compare_options)
-        results = _compare_all(comparisons, data, pooling, options, token)
+        results = _compare_all(comparisons, data, options, token)
         return _drift_result(base_model.name, [c.model_b.name for c in comparisons], results)
 
     @classmethod
@@ -342,24 +294,16 @@ class AutoCKA:
         *,
         revision: str | None = None,
         layers: str | Sequence[LayerSpec] = "auto",
-        pooling: str = "mean",
         part: Part = "encoder",
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_length: int | None = DEFAULT_MAX_LENGTH,
-        num_samples: int | None = None,
-        text_column: str = "text",
-        dataset_config: str | None = None,
-        split: str | None = None,
         shuffle_seed: int | None = None,
         features: bool = False,
-        sort_by_length: bool = True,
-        chunk_batches: int = 8,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
-        progress: bool = True,
+        options: RunOptions | None = None,
+        **changes: Unpack[RunChanges],
     ) -> Fingerprint:
         """Run ONE model over ``data`` and return its :class:`~hf_cka.fingerprint.Fingerprint`.
 
@@ -369,22 +313,23 @@ class AutoCKA:
         any model with it later (``AutoCKA.from_pretrained(folder_or_repo, other)``) without
         this model. Batches are those of :meth:`compare` (``batch_size`` consecutive samples),
         after a fixed shuffle of the samples when ``shuffle_seed`` is given. The model is freed
-        before returning. Other arguments are those of :meth:`from_pretrained` and
-        :meth:`compare`.
+        before returning. ``options``/``changes``: the data and extraction fields of
+        :class:`~hf_cka.options.RunOptions` (``pooling``, ``batch_size``, ``max_length``,
+        ``num_samples`` ...); the other arguments are those of :meth:`from_pretrained`.
         """
-        from .extract import ExtractOptions, ModelSource, fingerprint_model
+        from dataclasses import replace
 
+        from .combine import extract_options
+        from .extract import ModelSource, fingerprint_model
+
+        options = (options or DEFAULTS).replace(**changes)
+        _check_some_layers(layers=layers)
         loading = {"dtype": dtype, "device": device, "device_map": device_map,
                    "trust_remote_code": trust_remote_code}  # fmt: skip
-        options = ExtractOptions(
-            batch_size=batch_size, max_length=max_length, num_samples=num_samples,
-            text_column=text_column, dataset_config=dataset_config, split=split,
-            shuffle_seed=shuffle_seed, sort_by_length=sort_by_length,
-            chunk_batches=chunk_batches, features=features, progress=progress,
-        )  # fmt: skip
+        extraction = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
         source = ModelSource(model, revision, layers, part, loading)
         return fingerprint_model(
-            source, data, check_pooling(pooling), options, token=clean_token(token)
+            source, data, options.pooling, extraction, token=clean_token(token)
         )
 
     @classmethod
@@ -394,7 +339,6 @@ class AutoCKA:
         data: Any = None,
         *,
         layers: str | Sequence[LayerSpec] = "auto",
-        pooling: str = "mean",
         part: Part = "encoder",
         shuffle_seed: int | None = None,
         features: bool = False,
@@ -403,26 +347,28 @@ class AutoCKA:
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
-        **compare_options: Any,
+        options: RunOptions | None = None,
+        **changes: Unpack[RunChanges],
     ) -> GridResult:
         """CKA between every pair of ``models``; returns a :class:`~hf_cka.grid.GridResult`.
 
         Each model (Hub id, folder, ``"repo@revision"``, adapter or fingerprint) is loaded,
         extracted ONCE and freed before the next: N models cost N models' forward passes and
-        one model's memory. ``compare_options`` are those of :meth:`compare`.
+        one model's memory. ``options``/``changes`` are those of :meth:`compare`.
         """
         from .extract import ModelSource
         from .grid import run_grid
 
         if isinstance(models, str):
             raise InvalidInputError(f"expected a list of models, got the string {models!r}")
+        options = (options or DEFAULTS).replace(**changes)
+        _check_some_layers(layers=layers)
         loading = {"dtype": dtype, "device": device, "device_map": device_map,
                    "trust_remote_code": trust_remote_code}  # fmt: skip
         sources = [ModelSource(model, None, layers, part, loading) for model in models]
-        options = RunOptions(**compare_options)
         return run_grid(
-            sources, data, check_pooling(pooling), options, shuffle_seed=shuffle_seed,
-            features=features, token=clean_token(token),
+            sources, data, options, shuffle_seed=shuffle_seed, features=features,
+            token=clean_token(token),
         )  # fmt: skip
 
     def extract_features(
@@ -430,23 +376,34 @@ class AutoCKA:
         data: Any = None,
         *,
         model: str = "a",
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_length: int | None = DEFAULT_MAX_LENGTH,
+        batch_size: int = DEFAULTS.batch_size,
+        max_length: int | None = DEFAULTS.max_length,
         num_samples: int | None = None,
-        text_column: str = "text",
+        text_column: str = DEFAULTS.text_column,
         dataset_config: str | None = None,
         split: str | None = None,
-        sort_by_length: bool = True,
+        sort_by_length: bool = DEFAULTS.sort_by_length,
     ) -> dict[str, torch.Tensor]:
         """The pooled per-layer features ``{layer: (n, d)}`` exactly as CKA sees them.
 
-        Runs on every sample in this process (no sharding); rows follow the data order.
+        Runs on every sample in this process (no sharding); rows follow the data order. No HSIC
+        is computed, so any number of samples >= 1 and any ``batch_size`` >= 1 (the forward
+        batch size) work.
+
+        Raises:
+            InvalidInputError: an unknown ``model``, or a ``batch_size``/``max_length`` that is
+                not an int >= 1.
+            EmptyDataError: ``data`` holds no sample.
         """
         if model not in ("a", "b"):
             raise InvalidInputError(f"expected model='a' or 'b', got {model!r}")
+        check_int("batch_size", batch_size, 1, "samples per forward pass")
+        if max_length is not None:
+            check_int("max_length", max_length, MIN_MAX_LENGTH, "or None for no truncation")
         loaded, layers = (
             (self.model_a, self.layers_a) if model == "a" else (self.model_b, self.layers_b)
         )
+        check_max_length([loaded], max_length)
         samples, _ = load_samples(
             data,
             num_samples=num_samples,
@@ -458,7 +415,7 @@ class AutoCKA:
         )
         rows: dict[str, list[torch.Tensor]] = {spec: [] for spec in layers}
         with Extractor(loaded, layers, self.pooling) as extractor:
-            for batch in batch_samples(samples, batch_size):
+            for batch in _batches(samples, batch_size):
                 encodings = extractor.encode(batch, max_length)
                 (feats,) = extractor.chunk_features(
                     encodings, [len(batch)], batch_size, sort_by_length
@@ -468,17 +425,39 @@ class AutoCKA:
         return {spec: torch.cat(parts).cpu() for spec, parts in rows.items()}
 
 
+def _batches(samples: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """The batches ``compare`` would form (a tail of < 4 samples joins the batch before it), so
+    the features match its own bit for bit; with ``size`` < 4 or fewer than 4 samples, plain
+    consecutive batches of ``size`` (the last one possibly shorter)."""
+    head = list(itertools.islice(samples, MIN_BATCH))
+    if size >= MIN_BATCH and len(head) == MIN_BATCH:
+        yield from batch_samples(itertools.chain(head, samples), size)
+        return
+    samples = itertools.chain(head, samples)
+    while batch := list(itertools.islice(samples, size)):
+        yield batch
+
+
+def _check_some_layers(**layer_lists: str | Sequence[LayerSpec]) -> None:
+    """Refuse an empty layer list (``layers_a=[]``) before any model is loaded."""
+    for name, layers in layer_lists.items():
+        if not isinstance(layers, str) and len(layers) == 0:
+            raise InvalidInputError(
+                f"expected at least one layer in {name}, got an empty list; pass 'auto' (the "
+                "embedding output and every block), module names or indices such as [0, -1]"
+            )
+
+
 def _compare_all(
     comparisons: list[Comparison],
     data: Any,
-    pooling: str,
     options: RunOptions,
     token: str | bool | None,
 ) -> list[CKAResult]:
     """Run the comparisons over ``data`` in one stream and wrap each in a ``CKAResult``."""
     from .result import CKAResult
 
-    outcome = run_comparisons(comparisons, data, pooling=pooling, options=options, token=token)
+    outcome = run_comparisons(comparisons, data, options, token=token)
     versions = _library_versions()
     results = []
     for comparison, accumulated in zip(comparisons, outcome.accumulated, strict=True):
@@ -487,7 +466,7 @@ def _compare_all(
             **comparison.model_a.provenance("a"),
             **comparison.model_b.provenance("b"),
             "dtype": _dtype_label(comparison),
-            "pooling": pooling,
+            "pooling": options.pooling,
             "estimator": ESTIMATOR_LABELS[options.estimator],
             **{k: v for k, v in outcome.data_info.items() if k != "size"},
             "n_samples": metric.n_samples,
@@ -517,7 +496,7 @@ def _names_fingerprint(spec: str | None, revision: str | None, token: str | bool
     if spec is None:
         return False
     name, revision = parse_model_spec(spec, revision)
-    return is_fingerprint(name, revision, token)
+    return is_fingerprint(name, revision, clean_token(token))
 
 
 def _drift_result(base: str, checkpoints: list[str], results: list[CKAResult]) -> DriftResult:
@@ -538,7 +517,7 @@ def _stderr(accumulated: Accumulated) -> torch.Tensor | None:
         return None
     if accumulated.metric.n_batches >= 2:
         return accumulated.metric.compute_stderr()
-    warnings.warn(
+    warn(
         "only one batch was accumulated, so no standard error can be estimated; use a smaller "
         "batch_size or more data to get error bars",
         EstimatorWarning,

@@ -18,34 +18,40 @@ interrupt exits with 130. The Hub token is never printed or written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import re
 import sys
+import tempfile
 import textwrap
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
+
+import torch
 
 from . import __version__, distributed
-from ._network import clean_token, scrub
-from .auto import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH
 from .data import MIN_BATCH
 from .errors import HfCkaError, InvalidInputError
-from .functional import KERNELS
+from .functional import Kernel
 from .layers import Part
-from .models import DTYPES, parse_model_spec
-from .pooling import POOLINGS
+from .options import DEFAULTS, RunOptions
+from .pooling import Pooling
+from .streaming import Estimator
+from .tokens import clean_token, scrub
 
 PROG = "hf-cka"
 HEATMAP_FILE = "heatmap.png"
 DRIFT_PLOT_FILE = "drift.png"
 DPI = 150
+MAX_DPI = 1200  # 300-600 is print quality; far more makes images no viewer or printer can use
 SUMMARY_WIDTH = 86  # values beside labels of up to 12 characters fit in 100 columns
 PARTS = get_args(Part)
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+RUN_OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(RunOptions))
 
 DESCRIPTION = """\
 Centered Kernel Alignment (CKA) between the layers of Hugging Face models.
@@ -60,7 +66,7 @@ examples:
   hf-cka drift ./base ./checkpoint-500 ./checkpoint-1000
   hf-cka plot cka-results/r20261128T174455Z_3f9a --annot
   hf-cka push cka-results/r20261128T174455Z_3f9a me/bert-sst2-cka
-  accelerate launch -m hf_cka compare org/model-a org/model-b --dtype bfloat16
+  accelerate launch --multi_gpu --num_processes 2 -m hf_cka compare org/model-a org/model-b
 
 Run `hf-cka COMMAND --help` for the options of a command."""
 
@@ -79,8 +85,9 @@ examples:
   # half precision on a GPU, then publish the result as a Hub dataset
   hf-cka compare org/a org/b --dtype bfloat16 --device cuda --push-to-hub me/a-vs-b-cka
 
-  # many GPUs: every process computes its share of the batches
-  accelerate launch -m hf_cka compare org/a org/b
+  # many GPUs: every process computes its share of the batches (the summary prints the count);
+  # on a CPU-only machine, or without an `accelerate config`, say how many processes to start
+  accelerate launch --multi_gpu --num_processes 2 -m hf_cka compare org/a org/b
 
 Layers: "auto" (default) is the embedding output plus every transformer block. Integers index
 that list like output_hidden_states (0 = embeddings, -1 = last block); names are module paths
@@ -140,6 +147,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32, width=100)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are ONE line ``hf-cka: error: ...`` (status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
 # --------------------------------------------------------------------------- argument types
 
 
@@ -155,28 +169,65 @@ def _layers(text: str) -> str | list[str | int]:
     return [int(item) if re.fullmatch(r"[+-]?\d+", item) else item for item in items]
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type accepting integers >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+def _int(text: str) -> int:
+    """An integer; its range is checked by :class:`~hf_cka.options.RunOptions`."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _max_length(text: str) -> int | None:
-    """A positive token count, or ``none`` for the model's own limit."""
-    return None if text.strip().lower() == "none" else _positive_int(text)
+    """A token count, or ``none`` for the model's own limit."""
+    return None if text.strip().lower() == "none" else _int(text)
+
+
+def _dpi(text: str) -> int:
+    """A resolution between 1 and :data:`MAX_DPI` dots per inch."""
+    value = _int(text)
+    if not 1 <= value <= MAX_DPI:
+        raise argparse.ArgumentTypeError(f"expected a resolution from 1 to {MAX_DPI}, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device torch knows and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps`` ...)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; expected cpu, cuda, cuda:N, mps, xpu ..."
+        ) from None
+    if device.type == "cpu":
+        return text
+    backend = getattr(torch.backends, device.type, None) if device.type == "mps" else None
+    module = backend or getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    if not callable(available) or not available():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has no {device.type} device that torch can use; use cpu, or"
+            " install a torch build for that device"
+        )
+    count = getattr(module, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {count()} {device.type} device(s), numbered from 0"
+        )
+    return text
+
+
+def _colormap(name: str) -> str:
+    """A matplotlib colour map name (matplotlib is imported only when plotting)."""
+    from matplotlib import colormaps
+
+    from .errors import suggest
+
+    if name not in colormaps:
+        raise argparse.ArgumentTypeError(
+            f"unknown colour map {name!r}; expected a matplotlib colour map such as magma,"
+            f" viridis or RdBu_r.{suggest(name, list(colormaps))}"
+        )
+    return name
 
 
 def _device_map(text: str) -> str | dict[str, Any]:
@@ -199,12 +250,13 @@ def _add_loading(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loading")
     group.add_argument(
         "--dtype",
-        choices=[*sorted(DTYPES), "auto"],
         metavar="DTYPE",
-        help="load the weights in this dtype: float32, bfloat16, float16, ... (default: the"
-        " checkpoint's own dtype); CKA is accumulated in float64 whatever it is",
+        help="load the weights in this dtype: float32, bfloat16, float16, float64, auto (default:"
+        " the checkpoint's own dtype); CKA is accumulated in float64 whatever it is",
     )
-    group.add_argument("--device", help="device to run on, e.g. cpu, cuda, cuda:1, mps")
+    group.add_argument(
+        "--device", type=_device, help="device to run on, e.g. cpu, cuda, cuda:1, mps"
+    )
     group.add_argument(
         "--device-map",
         type=_device_map,
@@ -237,44 +289,43 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--split", help="dataset split (default: train, or the first one)")
     group.add_argument(
         "--text-column",
-        default="text",
+        default=DEFAULTS.text_column,
         metavar="NAME",
-        help="column holding the texts (default: text); image columns are found automatically",
+        help=f"column holding the texts (default: {DEFAULTS.text_column}); image columns are"
+        " found automatically",
     )
     group.add_argument(
-        "--num-samples",
-        type=_positive_int,
-        metavar="N",
-        help="use at most N samples (default: all)",
+        "--num-samples", type=_int, metavar="N", help="use at most N samples (default: all)"
     )
     group.add_argument(
         "--batch-size",
-        type=_int_at_least(MIN_BATCH),
-        default=DEFAULT_BATCH_SIZE,
+        type=_int,
+        default=DEFAULTS.batch_size,
         metavar="N",
         help=f"samples per CKA minibatch, at least {MIN_BATCH}; also the forward batch size"
-        f" (default: {DEFAULT_BATCH_SIZE})",
+        f" (default: {DEFAULTS.batch_size})",
     )
     group.add_argument(
         "--max-length",
         type=_max_length,
-        default=DEFAULT_MAX_LENGTH,
+        default=DEFAULTS.max_length,
         metavar="N",
         help=f"truncate texts to N tokens; 'none' for the model's limit (default:"
-        f" {DEFAULT_MAX_LENGTH})",
+        f" {DEFAULTS.max_length})",
     )
     group.add_argument(
         "--no-sort",
         dest="sort_by_length",
         action="store_false",
-        help="do not sort texts by length before the forward passes (slower; same result)",
+        help="do not sort texts by length before the forward passes (slower; the same result"
+        " up to float rounding, see docs/distributed.md)",
     )
     group.add_argument(
         "--chunk-batches",
-        type=_positive_int,
-        default=8,
+        type=_int,
+        default=DEFAULTS.chunk_batches,
         metavar="N",
-        help="CKA batches sorted by length together (default: 8)",
+        help=f"CKA batches sorted by length together (default: {DEFAULTS.chunk_batches})",
     )
 
 
@@ -282,37 +333,47 @@ def _add_estimator(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("estimator")
     group.add_argument(
         "--pooling",
-        choices=POOLINGS,
-        default="mean",
+        choices=get_args(Pooling),
+        default=DEFAULTS.pooling,
         help="how token activations become one vector per example; padding never counts"
-        " (default: mean). 'tokens' makes every token a sample (identical tokenizers only)",
+        f" (default: {DEFAULTS.pooling}). 'tokens' makes every token a sample (identical"
+        " tokenizers only)",
     )
     group.add_argument(
-        "--kernel", choices=KERNELS, default="linear", help="CKA kernel (default: linear)"
+        "--kernel",
+        choices=get_args(Kernel),
+        default=DEFAULTS.kernel,
+        help=f"CKA kernel (default: {DEFAULTS.kernel})",
     )
     group.add_argument(
         "--threshold",
         type=float,
-        default=1.0,
+        default=DEFAULTS.threshold,
         metavar="X",
-        help="RBF bandwidth factor: sigma = X times the median distance (default: 1.0)",
+        help="RBF bandwidth factor: sigma = X times the median distance (default:"
+        f" {DEFAULTS.threshold})",
     )
     group.add_argument(
         "--estimator",
-        choices=("minibatch", "linear", "debiased"),
-        default="minibatch",
+        choices=get_args(Estimator),
+        default=DEFAULTS.estimator,
         help="minibatch: Nguyen et al., with standard errors (default); linear / debiased: exact"
         " full-data linear CKA streamed with d_a x d_b memory per layer pair",
     )
     group.add_argument(
         "--null-permutations",
-        type=_non_negative_int,
-        default=0,
+        type=_int,
+        default=DEFAULTS.null_permutations,
         metavar="K",
         help="also compute CKA with B's samples shuffled K times per batch: the chance level"
-        " for this data size, saved as result.null (default: 0, off)",
+        f" for this data size, saved as result.null (default: {DEFAULTS.null_permutations}, off)",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
+    group.add_argument(
+        "--seed",
+        type=_int,
+        default=DEFAULTS.seed,
+        help=f"seed of the permutations (default: {DEFAULTS.seed})",
+    )
     group.add_argument(
         "--target-stderr",
         type=float,
@@ -326,9 +387,9 @@ def _add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
     group.add_argument(
         "--output",
         "-o",
-        type=Path,
         metavar="DIR",
-        help=f"folder to write the result and {plot_file} to (default: a new folder"
+        help=f"folder to write the result and {plot_file} to: new, empty or holding an earlier"
+        " result; checked before any model is loaded (default: a new folder"
         " ./cka-results/<run id>/)",
     )
     group.add_argument(
@@ -340,7 +401,10 @@ def _add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
         "--private", action="store_true", help="make a newly created Hub dataset private"
     )
     group.add_argument(
-        "--no-progress", action="store_true", help="hide progress bars (for logs and CI)"
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (for logs and CI)",
     )
     group.add_argument(
         "--checkpoint-dir",
@@ -350,10 +414,10 @@ def _add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
     )
     group.add_argument(
         "--checkpoint-every",
-        type=_positive_int,
-        default=50,
+        type=_int,
+        default=DEFAULTS.checkpoint_every,
         metavar="N",
-        help="batches between checkpoints (default: 50)",
+        help=f"batches between checkpoints (default: {DEFAULTS.checkpoint_every})",
     )
 
 
@@ -391,9 +455,7 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument(
-        "--output", "-o", type=Path, metavar="DIR", help=f"folder to write {what} to"
-    )
+    group.add_argument("--output", "-o", metavar="DIR", help=f"folder to write {what} to")
     group.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="also publish it as a Hub dataset (one commit)"
     )
@@ -401,17 +463,20 @@ def _add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
         "--private", action="store_true", help="make a newly created Hub dataset private"
     )
     group.add_argument(
-        "--no-progress", action="store_true", help="hide progress bars (for logs and CI)"
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (for logs and CI)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-cka`` argument parser with its six subcommands."""
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument(
         "--debug", action="store_true", help="show the full traceback when something fails"
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description=DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=_Formatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -535,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_options(fingerprint)
     fingerprint.add_argument(
         "--pooling",
-        choices=[p for p in POOLINGS if p != "tokens"],
-        default="mean",
+        choices=[p for p in get_args(Pooling) if p != "tokens"],
+        default=DEFAULTS.pooling,
         help="how token activations become one vector per example (default: mean)",
     )
     _add_store_output(fingerprint, "the fingerprint (fingerprint.json, .safetensors, README.md)")
@@ -571,8 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
         " for a drift)",
     )
     plot.add_argument("--annot", action="store_true", help="write each value in its heatmap cell")
-    plot.add_argument("--cmap", default="magma", help="matplotlib colour map (default: magma)")
-    plot.add_argument("--dpi", type=_positive_int, default=DPI, help=f"resolution (default: {DPI})")
+    plot.add_argument(
+        "--cmap", type=_colormap, default="magma", help="matplotlib colour map (default: magma)"
+    )
+    plot.add_argument(
+        "--dpi", type=_dpi, default=DPI, help=f"resolution, 1 to {MAX_DPI} (default: {DPI})"
+    )
 
     push = command("push", "Publish a saved result as a Hub dataset.", PUSH_EPILOG)
     push.set_defaults(handler=_push_command)
@@ -602,26 +671,9 @@ def _loading_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "num_samples": args.num_samples,
-        "text_column": args.text_column,
-        "dataset_config": args.dataset_config,
-        "split": args.split,
-        "progress": not args.no_progress,
-        "sort_by_length": args.sort_by_length,
-        "chunk_batches": args.chunk_batches,
-        "kernel": args.kernel,
-        "threshold": args.threshold,
-        "estimator": args.estimator,
-        "null_permutations": args.null_permutations,
-        "seed": args.seed,
-        "target_stderr": args.target_stderr,
-        "checkpoint_dir": args.checkpoint_dir,
-        "checkpoint_every": args.checkpoint_every,
-    }
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    """The command's :class:`~hf_cka.options.RunOptions` (argparse dests are its field names)."""
+    return RunOptions(**{k: v for k, v in vars(args).items() if k in RUN_OPTION_NAMES})
 
 
 def _hide_progress_bars(also_datasets: bool) -> None:
@@ -637,19 +689,26 @@ def _hide_progress_bars(also_datasets: bool) -> None:
         datasets.disable_progress_bars()
 
 
-def _prepare_run(args: argparse.Namespace) -> None:
-    """Check option combinations before loading anything; quiet the progress bars if asked."""
+def _prepare_run(args: argparse.Namespace) -> tuple[RunOptions, Path | None]:
+    """Check all that can be checked before a model is loaded: the options, ``--private`` and
+    ``--output`` (one ``hf-cka: error:`` line within a second, not after the run). Quiets the
+    loading bars if asked. Returns the options and the output folder (``None``: the default)."""
+    options = _run_options(args)
     if args.private and not args.push_to_hub:
         raise InvalidInputError("--private only applies with --push-to-hub REPO_ID")
-    if args.no_progress or not distributed.is_main_process():
+    output = None if args.output is None else _check_output_folder(args.output)
+    if output is None:
+        _check_writable(Path.cwd(), "the default output ./cka-results/<run id>/")
+    if not options.progress or not distributed.is_main_process():
         _hide_progress_bars(args.dataset is not None)
+    return options, output
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
-    from .result import DEFAULT_LOCAL_ROOT
+    from .models import parse_model_spec
 
-    _prepare_run(args)
+    options, output = _prepare_run(args)
     b_omitted = args.model_b is None
     model_b = args.model_b
     if b_omitted and args.revision_b is not None:  # two revisions of A
@@ -663,23 +722,21 @@ def _compare(args: argparse.Namespace) -> int:
         layers_b=args.layers_b or (args.layers_a if b_omitted else "auto"),
         part_a=args.part_a,
         part_b=args.part_b or (args.part_a if b_omitted else "encoder"),
-        pooling=args.pooling,
+        pooling=options.pooling,
         **_loading_options(args),
     )
-    result = auto.compare(args.dataset, **_run_options(args))
-    if not distributed.is_main_process():
+    result = auto.compare(args.dataset, options)
+    if not distributed.is_main_process():  # every process holds the result: one writes it
         return 0
-    folder = args.output or DEFAULT_LOCAL_ROOT / result.run_id
-    url = _save(result, folder, HEATMAP_FILE, args)
-    print(_compare_summary(result, folder, url))
-    return 0
+    saved = _save(result, output, HEATMAP_FILE, args)
+    print(_compare_summary(result, saved.folder, saved.url))
+    return saved.report()
 
 
 def _drift(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
-    from .result import DEFAULT_LOCAL_ROOT
 
-    _prepare_run(args)
+    options, output = _prepare_run(args)
     drift = AutoCKA.drift(
         args.base,
         args.checkpoints,
@@ -687,40 +744,35 @@ def _drift(args: argparse.Namespace) -> int:
         revision=args.revision,
         layers=args.layers,
         part=args.part,
-        pooling=args.pooling,
         one_model_at_a_time=args.one_model_at_a_time,
+        options=options,
         **_loading_options(args),
-        **_run_options(args),
     )
     if not distributed.is_main_process():
         return 0
-    folder = args.output or DEFAULT_LOCAL_ROOT / drift.drift_id
-    url = _save(drift, folder, DRIFT_PLOT_FILE, args)
-    print(_drift_summary(drift, folder, url))
-    return 0
+    saved = _save(drift, output, DRIFT_PLOT_FILE, args)
+    print(_drift_summary(drift, saved.folder, saved.url))
+    return saved.report()
 
 
 def _fingerprint(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
 
-    _prepare_run(args)
-    loading = _loading_options(args)
+    options, output = _prepare_run(args)
     fingerprint = AutoCKA.fingerprint(
         args.model,
         args.dataset,
         revision=args.revision,
         layers=args.layers,
         part=args.part,
-        pooling=args.pooling,
         shuffle_seed=args.shuffle_seed,
         features=args.features,
-        progress=not args.no_progress,
-        **{key: getattr(args, key) for key in _EXTRACT_ARGS},
-        **loading,
+        options=options,
+        **_loading_options(args),
     )
     if not distributed.is_main_process():
         return 0
-    folder = args.output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
+    folder = output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
     fingerprint.save(folder)
     rows = [
         ("model", _model_line(fingerprint.name, fingerprint.model.get("revision"),
@@ -739,34 +791,26 @@ def _fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRACT_ARGS = ("batch_size", "max_length", "num_samples", "text_column", "dataset_config",
-                 "split", "sort_by_length", "chunk_batches")  # fmt: skip
-
-
 def _grid(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
-    from .result import DEFAULT_LOCAL_ROOT
+    from .storage import DEFAULT_LOCAL_ROOT
 
-    _prepare_run(args)
     if len(args.models) < 2:
         raise InvalidInputError(f"a grid needs at least 2 models, got {args.models}")
-    combine = ("kernel", "threshold", "estimator", "null_permutations", "seed")
-    options = {key: getattr(args, key) for key in (*_EXTRACT_ARGS, *combine)}
+    options, output = _prepare_run(args)
     grid = AutoCKA.grid(
         args.models,
         args.dataset,
         layers=args.layers,
         part=args.part,
-        pooling=args.pooling,
         shuffle_seed=args.shuffle_seed,
         features=args.features,
-        progress=not args.no_progress,
+        options=options,
         **_loading_options(args),
-        **options,
     )
     if not distributed.is_main_process():
         return 0
-    folder = args.output or DEFAULT_LOCAL_ROOT / grid.grid_id
+    folder = output or DEFAULT_LOCAL_ROOT / grid.grid_id
     grid.save(folder)
     rows = [(f"model [{i}]", name) for i, name in enumerate(grid.models)]
     rows.append(("samples", _samples_line(grid.results[0, 1].metadata)))
@@ -794,7 +838,7 @@ def _plot(args: argparse.Namespace) -> int:
                 " (its values are printed by `hf-cka drift`)"
             )
         options["annot"] = True
-    target = args.output or args.result_dir / _plot_file(result)
+    target = args.output or args.result_dir / _plot_file(result)  # one process writes it
     if distributed.is_main_process():
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(_render(result, dpi=args.dpi, **options))
@@ -858,15 +902,107 @@ def _render(result: Any, dpi: int = DPI, **options: Any) -> bytes:
         plt.close(fig)
 
 
-def _save(result: Any, folder: Path, plot_file: str, args: argparse.Namespace) -> str | None:
-    """Save ``result`` and its plot to ``folder``, push when asked; returns the commit URL."""
+def _check_output_folder(text: str) -> Path:
+    """``--output`` as a folder a result can be saved to, checked before any model is loaded.
+
+    Raises:
+        InvalidInputError: an empty path, a file, a path below a file, a non-empty folder that
+            holds no result, or a place where this user cannot create files.
+    """
+    from .storage import holds_result
+
+    if not text.strip():
+        raise InvalidInputError(
+            "--output is empty; expected a folder such as out/ (or no --output for"
+            " ./cka-results/<run id>/)"
+        )
+    folder = Path(text)
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(
+            f"--output {folder} is a file; expected a new folder, an empty one or one holding an"
+            " earlier result"
+        )
+    if folder.is_dir() and any(folder.iterdir()) and not holds_result(folder):
+        raise InvalidInputError(
+            f"--output {folder} is a non-empty folder that holds no hf_cka result; choose a new"
+            " or empty folder (a result folder is replaced)"
+        )
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise InvalidInputError(
+            f"--output {folder}: {existing} is a file, so no folder can be made below it"
+        )
+    _check_writable(existing, f"--output {folder}")
+    return folder
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Raise unless a file can be created in ``folder`` (tried, not guessed from permissions)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InvalidInputError(
+            f"{what}: cannot create files in {folder} ({err.strerror or err}); choose a folder"
+            " you can write to"
+        ) from err
+
+
+@dataclasses.dataclass
+class _Saved:
+    """Where a result was saved, and why not where it was asked to be (``failure``)."""
+
+    folder: Path
+    url: str | None = None
+    failure: str | None = None
+
+    def report(self) -> int:
+        """Print the failure (if any) on stderr; the exit status of the command."""
+        if self.failure is None:
+            return 0
+        print(f"{PROG}: error: {self.failure}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _save(result: Any, output: Path | None, plot_file: str, args: argparse.Namespace) -> _Saved:
+    """Save ``result`` and its plot to ``output`` (default ./cka-results/<id>/), then push when
+    asked. If saving fails there, the result goes to a fallback folder that is named: a finished
+    run is never thrown away."""
+    from .storage import DEFAULT_LOCAL_ROOT
+
+    result_id = result.drift_id if _is_drift(result) else result.run_id
+    default = DEFAULT_LOCAL_ROOT / result_id
+    saved = _Saved(output or default)
+    try:
+        _write(result, saved.folder, plot_file)
+    except (HfCkaError, OSError) as err:
+        fallbacks = [default] if saved.folder != default else []
+        saved.folder = _write_somewhere(result, plot_file, fallbacks, result_id)
+        reason = " ".join(str(err).split())
+        saved.failure = f"could not save to {output or default} ({reason}); saved to {saved.folder}"
+    if args.push_to_hub:
+        saved.url = result.push_to_hub(
+            args.push_to_hub, private=args.private or None, token=args.token, local_dir=saved.folder
+        )
+    return saved
+
+
+def _write(result: Any, folder: Path, plot_file: str) -> None:
     result.save(folder)
     (folder / plot_file).write_bytes(_render(result))
-    if not args.push_to_hub:
-        return None
-    return result.push_to_hub(
-        args.push_to_hub, private=args.private or None, token=args.token, local_dir=folder
-    )
+
+
+def _write_somewhere(result: Any, plot_file: str, folders: list[Path], result_id: str) -> Path:
+    """The first of ``folders`` (then a new temporary folder) that ``result`` could be saved to."""
+    for folder in folders:
+        try:
+            _write(result, folder, plot_file)
+            return folder
+        except (HfCkaError, OSError):
+            continue
+    folder = Path(tempfile.mkdtemp(prefix=f"hf-cka-{result_id}-"))
+    _write(result, folder, plot_file)
+    return folder
 
 
 # --------------------------------------------------------------------------- summaries
@@ -886,6 +1022,12 @@ def _samples_line(metadata: dict[str, Any]) -> str:
         f"{metadata.get('n_samples')} in {metadata.get('n_batches')} batches of"
         f" {metadata.get('batch_size')} from {source}"
     )
+
+
+def _processes_line(metadata: dict[str, Any]) -> str:
+    """How many processes shared the batches (1 unless launched with several)."""
+    count = metadata.get("num_processes")
+    return f"{count} (batches shared round-robin)" if count != 1 else "1"
 
 
 def _table(rows: Sequence[tuple[str, str]]) -> str:
@@ -913,6 +1055,7 @@ def _compare_summary(result: Any, folder: Path, url: str | None) -> str:
             f"{result.shape[0]} x {result.shape[1]} ({settings}, dtype={meta.get('dtype')})",
         ),
         ("samples", _samples_line(meta)),
+        ("processes", _processes_line(meta)),
     ]
     if result.shape[0] == result.shape[1]:
         rows.append(("diagonal", _numbers(result.matrix.diagonal().tolist())))
@@ -933,6 +1076,7 @@ def _drift_summary(drift: Any, folder: Path, url: str | None) -> str:
     rows = [("base", drift.base)]
     rows += [(f"checkpoint [{i}]", name) for i, name in enumerate(drift.checkpoints, start=1)]
     rows.append(("samples", _samples_line(drift.results[0].metadata)))
+    rows.append(("processes", _processes_line(drift.results[0].metadata)))
     width = max(len(layer) for layer in ["layer", *drift.layers])
     columns = "".join(f"{f'[{i}]':>7}" for i in range(1, len(drift.checkpoints) + 1))
     table = [f"{'layer':<{width}}{columns}"]

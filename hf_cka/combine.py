@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
 from .auto import AutoCKA
 from .errors import InvalidInputError
@@ -23,7 +24,7 @@ from .fingerprint import Fingerprint, check_compatible, check_settings, load_fin
 from .layers import LayerSpec, Part, resolve_layers
 from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader, is_fingerprint, parse_model_spec
-from .runner import RunOptions
+from .options import RunChanges, RunOptions
 from .streaming import new_accumulator
 
 # compare() options that only the single-stream path has
@@ -226,11 +227,11 @@ def compare_two_phase(
     side_a: Side,
     side_b: Side,
     data: Any,
-    pooling: str,
     options: RunOptions,
     token: str | bool | None,
 ) -> Any:
     """Extract each model side separately (a stored side runs nothing) and combine."""
+    pooling = options.pooling
     stored = next((s.fingerprint for s in (side_a, side_b) if s.fingerprint is not None), None)
     data = reference_data(stored, data)
     opts = extract_options(options)
@@ -256,12 +257,12 @@ def drift_one_at_a_time(
     base: ModelSource,
     checkpoints: Sequence[ModelSource],
     data: Any,
-    pooling: str,
     options: RunOptions,
     token: str | bool | None,
 ) -> list[Any]:
     """Base-vs-checkpoint results holding ONE model at a time: the base is extracted once, then
     each checkpoint is loaded, extracted against the base's batches, freed and combined."""
+    pooling = options.pooling
     opts = extract_options(options)
     base_store = fingerprint_model(base, data, pooling, opts, token=token)
     data = reference_data(base_store, data) if data is None else data
@@ -344,14 +345,20 @@ class TwoPhaseCKA(AutoCKA):
             "a comparison with a fingerprint has no model pair to stream; call compare()"
         )
 
-    def compare(self, data: Any = None, **options: Any) -> Any:
+    def compare(
+        self, data: Any = None, options: RunOptions | None = None, **changes: Unpack[RunChanges]
+    ) -> Any:
         """CKA over ``data`` (default: the data the fingerprint was made from); the options
         are those of :meth:`AutoCKA.compare` except ``callback``, ``target_stderr`` and
         ``checkpoint_dir``. Returns a ``CKAResult``."""
+        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)  # type: ignore[arg-type]
+        if options.pooling != self.pooling:
+            raise InvalidInputError(
+                f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
+                f"the options ask for pooling={options.pooling!r}"
+            )
         side_b = self.side_a if self.same_model else self.side_b
-        return compare_two_phase(
-            self.side_a, side_b, data, self.pooling, RunOptions(**options), self._token
-        )
+        return compare_two_phase(self.side_a, side_b, data, options, self._token)
 
     def extract_features(self, data: Any = None, *, model: str = "a", **options: Any) -> Any:
         """Pooled features of one side: extracted for a model, stored for a fingerprint."""

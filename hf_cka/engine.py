@@ -9,7 +9,7 @@ of flattened with their padding, HSIC terms accumulate in float64 and values are
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from types import TracebackType
 from typing import Any
 
@@ -19,14 +19,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .capture import FeatureCapture, forward_features, input_device, unwrap
+from .data import MIN_BATCH
 from .errors import EmptyDataError, InvalidInputError
 from .functional import Kernel
 from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
+from .options import Callback
 from .pooling import check_pooling
-
-Callback = Callable[[int, int, torch.Tensor], None]
-MIN_BATCH = 4
 
 
 class CKA:

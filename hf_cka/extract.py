@@ -30,16 +30,16 @@ from .fingerprint import Fingerprint, upper_triangle
 from .functional import as_features, squared_distances
 from .layers import LayerSpec, Part, resolve_layers
 from .models import LoadedModel, ModelLoader
+from .options import DEFAULTS
 from .pooling import check_pooling
-from .runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
     """What shapes an extraction besides the model (see :meth:`hf_cka.AutoCKA.fingerprint`)."""
 
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_length: int | None = DEFAULT_MAX_LENGTH
+    batch_size: int = DEFAULTS.batch_size
+    max_length: int | None = DEFAULTS.max_length
     num_samples: int | None = None
     text_column: str = "text"
     dataset_config: str | None = None

@@ -32,9 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from . import distributed
-from ._network import clean_token
 from .errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from .models import FINGERPRINT_FILE
+from .tokens import clean_token
 
 SCHEMA_NAME = "hf_cka.Fingerprint"
 SCHEMA_VERSION = 1

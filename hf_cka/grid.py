@@ -26,8 +26,8 @@ from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from .extract import ModelSource, fingerprint_model
 from .fingerprint import Fingerprint
 from .hub import HubRuns
+from .options import RunOptions
 from .result import CKAResult
-from .runner import RunOptions
 from .storage import GRID_FILE, GRID_PLOT_FILE, SCHEMA_VERSION
 from .stored import Stored
 
@@ -293,7 +293,6 @@ class GridResult(Stored):
 def run_grid(
     sources: Sequence[ModelSource],
     data: Any,
-    pooling: str,
     options: RunOptions,
     *,
     shuffle_seed: int | None = None,
@@ -308,6 +307,7 @@ def run_grid(
 
     if len(sources) < 2:
         raise InvalidInputError(f"a grid needs at least 2 models, got {len(sources)}")
+    pooling = options.pooling
     opts = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
     # stored fingerprints first: they fix the batches, so a mismatch costs no forward pass
     stored = [_names_fingerprint(s.spec, s.revision, token) for s in sources]

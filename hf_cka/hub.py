@@ -43,11 +43,11 @@ from hf_cka._network import (
     PERMANENT_ERRORS,
     LocalProtocolError,
     OfflineModeIsEnabled,
-    scrub,
 )
 from hf_cka.cards import render_dataset_card
 from hf_cka.errors import HubPushError, HubReadError, InvalidInputError, ResultFormatError
 from hf_cka.storage import RUN_ID, SCHEMA_VERSION, created_key, field
+from hf_cka.tokens import scrub
 
 logger = logging.getLogger(__name__)
 

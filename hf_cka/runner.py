@@ -4,7 +4,9 @@ Data flow per run: samples -> global CKA batches (round-robin over processes) ->
 batches -> per model: encode once, forward in length-sorted sub-batches, pool inside the hooks,
 put the pooled rows back in sample order -> split into the CKA batches -> accumulators.
 Sorting by length only changes which padded forward batches run, never which samples form a CKA
-minibatch, so the result equals the unsorted run (mask-aware pooling ignores the padding).
+minibatch; mask-aware pooling ignores the padding, so the result equals the unsorted run up to
+the float rounding of the features (padded matrix products sum in another order): about 1e-8
+with float32 weights, 1e-15 with float64 (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,60 +27,9 @@ from .data import batch_samples, load_samples, same_tokens
 from .errors import InvalidInputError, TokenizerMismatchError
 from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
+from .options import RunOptions
 from .statistics import stderr_target_reached
-from .streaming import ESTIMATORS, new_accumulator
-
-Callback = Callable[[int, int, torch.Tensor], None]
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_MAX_LENGTH = 128
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything that shapes a run besides the models and the data (see ``AutoCKA.compare``)."""
-
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_length: int | None = DEFAULT_MAX_LENGTH
-    num_samples: int | None = None
-    text_column: str = "text"
-    dataset_config: str | None = None
-    split: str | None = None
-    callback: Callback | None = field(default=None, compare=False)
-    progress: bool = True
-    sort_by_length: bool = True
-    chunk_batches: int = 8
-    kernel: str = "linear"
-    threshold: float = 1.0
-    estimator: str = "minibatch"
-    max_bytes: int | None = None
-    null_permutations: int = 0
-    seed: int = 0
-    target_stderr: float | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 50
-
-    def __post_init__(self) -> None:
-        if self.chunk_batches < 1 or self.checkpoint_every < 1 or self.null_permutations < 0:
-            raise InvalidInputError(
-                "expected chunk_batches >= 1, checkpoint_every >= 1 and null_permutations >= 0, "
-                f"got {self.chunk_batches}, {self.checkpoint_every}, {self.null_permutations}"
-            )
-        if self.estimator not in ESTIMATORS:
-            raise InvalidInputError(f"expected estimator in {ESTIMATORS}, got {self.estimator!r}")
-        if self.target_stderr is not None and not self.target_stderr > 0:
-            raise InvalidInputError(f"expected target_stderr > 0, got {self.target_stderr!r}")
-        if self.target_stderr is not None and self.estimator != "minibatch":
-            raise InvalidInputError(
-                f"target_stderr needs the per-batch standard errors of estimator='minibatch', "
-                f"got estimator={self.estimator!r}"
-            )
-
-    def resume_key(self) -> dict[str, Any]:
-        """The options a resumed run must share with the checkpointed one."""
-        keep = ("batch_size", "max_length", "num_samples", "text_column", "dataset_config",
-                "split", "kernel", "threshold", "estimator", "null_permutations",
-                "seed")  # fmt: skip
-        return {key: value for key, value in asdict(self).items() if key in keep}
+from .streaming import new_accumulator
 
 
 @dataclass
@@ -94,15 +45,15 @@ class Comparison:
     def self_similarity(self) -> bool:
         return self.model_a is self.model_b and self.layers_a == self.layers_b
 
-    def new_metric(self, options: RunOptions, pooling: str, *, paired: bool = False) -> Accumulator:
+    def new_metric(self, options: RunOptions, *, paired: bool = False) -> Accumulator:
         """A fresh accumulator; ``paired`` forces two sides even for a self-comparison."""
         two_sided = paired or not self.self_similarity
-        widths = pooling != "flatten"  # flattened features are tokens x hidden wide
+        widths = options.pooling != "flatten"  # flattened features are tokens x hidden wide
         return new_accumulator(
-            options.estimator,  # type: ignore[arg-type]
+            options.estimator,
             len(self.layers_a),
             len(self.layers_b) if two_sided else None,
-            kernel=options.kernel,  # type: ignore[arg-type]
+            kernel=options.kernel,
             threshold=options.threshold,
             layer_names_a=self.layers_a,
             layer_names_b=self.layers_b,
@@ -173,6 +124,7 @@ def _stream(
     batch_size: int,
     max_length: int | None,
     sort_by_length: bool,
+    progress: Progress,
 ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """Per CKA batch: its global index and one ``{layer: features}`` dict per extractor.
 
@@ -182,6 +134,7 @@ def _stream(
     for chunk in chunks:
         samples = [sample for _, batch in chunk for sample in batch]
         sizes = [len(batch) for _, batch in chunk]
+        progress.start_chunk(len(chunk), len(samples) * len(extractors))
         per_model, first_encoding = [], None
         for extractor in extractors:
             encodings = extractor.encode(samples, max_length)
@@ -193,6 +146,7 @@ def _stream(
                         "these texts differently; use pooling='mean' (or 'last', 'max', 'first')"
                     )
             per_model.append(extractor.chunk_features(encodings, sizes, batch_size, sort_by_length))
+        progress.end_chunk()
         for position, (index, _) in enumerate(chunk):
             yield index, [features[position] for features in per_model]
 
@@ -200,9 +154,8 @@ def _stream(
 def run_comparisons(
     comparisons: Sequence[Comparison],
     data: Any,
-    *,
-    pooling: str,
     options: RunOptions,
+    *,
     token: str | bool | None = None,
 ) -> RunOutcome:
     """Stream ``data`` once through every distinct model and accumulate each comparison.
@@ -219,6 +172,14 @@ def run_comparisons(
     """
     started = time.perf_counter()
     first = comparisons[0]
+    layers_by_model: dict[int, tuple[LoadedModel, list[str]]] = {}
+    for comparison in comparisons:
+        for loaded, layers in (
+            (comparison.model_a, comparison.layers_a),
+            (comparison.model_b, comparison.layers_b),
+        ):
+            layers_by_model.setdefault(id(loaded), (loaded, []))[1].extend(layers)
+    check_max_length([loaded for loaded, _ in layers_by_model.values()], options.max_length)
     samples, data_info = load_samples(
         data,
         num_samples=options.num_samples,
@@ -229,18 +190,11 @@ def run_comparisons(
         split=options.split,
     )
     batches = batch_samples(samples, options.batch_size)
-    layers_by_model: dict[int, tuple[LoadedModel, list[str]]] = {}
-    for comparison in comparisons:
-        for loaded, layers in (
-            (comparison.model_a, comparison.layers_a),
-            (comparison.model_b, comparison.layers_b),
-        ):
-            layers_by_model.setdefault(id(loaded), (loaded, []))[1].extend(layers)
     slots = {key: slot for slot, key in enumerate(layers_by_model)}
     accumulated = [
         Accumulated(
-            c.new_metric(options, pooling),
-            [c.new_metric(options, pooling, paired=True) for _ in range(options.null_permutations)],
+            c.new_metric(options),
+            [c.new_metric(options, paired=True) for _ in range(options.null_permutations)],
         )
         for c in comparisons
     ]
@@ -251,7 +205,6 @@ def run_comparisons(
                 (c.model_a.name, model_identity(c.model_a), c.model_b.name,
                  model_identity(c.model_b), c.layers_a, c.layers_b) for c in comparisons
             ],
-            "pooling": pooling,
             "data": {k: v for k, v in data_info.items() if k != "size"},
             "options": options.resume_key(),
             "num_processes": distributed.num_processes(),
@@ -269,19 +222,22 @@ def run_comparisons(
     stopped_early = False
     with contextlib.ExitStack() as stack:
         extractors = [
-            stack.enter_context(Extractor(loaded, layers, pooling))
+            stack.enter_context(Extractor(loaded, layers, options.pooling))
             for loaded, layers in layers_by_model.values()
         ]
+        progress = stack.enter_context(
+            Progress([e.forward_module for e in extractors], total, options.progress, done)
+        )
         stream = _stream(
             extractors,
             _chunks(batches, options.chunk_batches, skip=done, seen=checkpoint.record),
             batch_size=options.batch_size,
             max_length=options.max_length,
             sort_by_length=options.sort_by_length,
+            progress=progress,
         )
-        bar = _progress(stream, total, options.progress, initial=done)
         try:
-            for index, features in bar:
+            for index, features in stream:
                 for comparison, item in zip(comparisons, accumulated, strict=True):
                     _update(comparison, item, features, slots, options.seed, index)
                 done += 1
@@ -297,6 +253,7 @@ def run_comparisons(
         except BaseException:
             checkpoint.save(done)  # every update so far is complete: keep it
             raise
+        progress.finish(done)
     checkpoint.verify()  # also when the checkpoint had already covered every batch
     for accumulator in all_accumulators:
         accumulator.sync(distributed.all_reduce_sum)
@@ -312,6 +269,25 @@ def run_comparisons(
         "wall_time_s": time.perf_counter() - started,
     }
     return RunOutcome(accumulated, data_info, run_info)
+
+
+def check_max_length(models: Iterable[LoadedModel], max_length: int | None) -> None:
+    """Refuse a ``max_length`` that a text model's special tokens alone would fill.
+
+    Tokenizers silently ignore such a ``max_length`` (BERT keeps the whole text at 1) or leave
+    nothing but special tokens, so the result would not be what the metadata says.
+    """
+    if max_length is None:
+        return
+    for loaded in models:
+        count = getattr(loaded.processor, "num_special_tokens_to_add", None)
+        special = count() if loaded.modality == "text" and callable(count) else 0
+        if max_length <= special:
+            raise InvalidInputError(
+                f"max_length={max_length} leaves no room for text: the tokenizer of "
+                f"'{loaded.name}' adds {special} special token(s) to every text; pass "
+                f"max_length >= {special + 1} (or None for the model's own limit)"
+            )
 
 
 def _update(
@@ -334,14 +310,63 @@ def _update(
         null.update(feats_a, [f[order] for f in feats_b], batch_index=batch_index)
 
 
-def _progress(
-    stream: Iterable[Any], total: int | None, enabled: bool, initial: int = 0
-) -> Iterable[Any]:
-    """``stream`` wrapped in a tqdm bar on the main process when ``enabled``."""
-    from tqdm.auto import tqdm
+class Progress:
+    """A tqdm bar over this process's CKA batches that moves after every forward pass.
 
-    show = enabled and distributed.is_main_process()
-    return tqdm(stream, total=total, initial=initial, disable=not show, desc="CKA", unit="batch")
+    A chunk's forward passes all run before its first CKA batch is complete (they are sorted by
+    length over the whole chunk), so a bar moved per finished batch would jump a chunk at a time.
+    Instead a forward hook on every model advances it by the pass's share of the chunk:
+    ``rows x batches_in_chunk / (rows_in_chunk x models)``; the count is exact at chunk ends.
+    Shown on the main process only, when ``enabled``.
+    """
+
+    def __init__(
+        self, modules: Sequence[torch.nn.Module], total: int | None, enabled: bool, initial: int
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        show = enabled and distributed.is_main_process()
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not show,
+            desc="CKA",
+            unit="batch",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]",
+        )
+        self.position, self._share, self._chunk_end = initial, 0.0, initial
+        hook = self._forwarded
+        self._handles = (
+            [m.register_forward_hook(hook, with_kwargs=True) for m in modules] if show else []
+        )
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.bar.close()
+
+    def start_chunk(self, batches: int, forward_rows: int) -> None:
+        """A chunk of ``batches`` CKA batches needing ``forward_rows`` rows of forward passes."""
+        self._share = batches / forward_rows
+        self._chunk_end = self.position + batches
+
+    def end_chunk(self) -> None:
+        self.position = self._chunk_end
+        self._move_to(self.position)
+
+    def finish(self, done: int) -> None:
+        self._move_to(done)
+
+    def _move_to(self, position: float) -> None:
+        self.bar.update(position - self.bar.n)
+
+    def _forwarded(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        inputs = [*args, *kwargs.values()]
+        rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.ndim), 0)
+        self._move_to(min(self.bar.n + rows * self._share, self._chunk_end))
 
 
 def _expected_batches(size: int | None, batch_size: int) -> int | None:

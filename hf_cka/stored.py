@@ -18,10 +18,10 @@ import torch
 from huggingface_hub import CommitInfo
 
 from hf_cka import hub, storage
-from hf_cka._network import clean_token
 from hf_cka.errors import ResultFormatError, suggest
 from hf_cka.hub import SCORES_SCHEMA, HubRuns
 from hf_cka.storage import DEFAULT_LOCAL_ROOT, validate_repo_id, validate_run_id
+from hf_cka.tokens import clean_token
 
 _Result = TypeVar("_Result", bound="Stored")
 

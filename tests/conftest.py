@@ -11,12 +11,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
+from helpers import free_port
 
 _CLIENTS = ("huggingface_hub", "datasets", "transformers")
 if imported := [name for name in _CLIENTS if name in sys.modules]:
@@ -26,13 +26,7 @@ if imported := [name for name in _CLIENTS if name in sys.modules]:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-HUB_PORT = _free_port()
+HUB_PORT = free_port()
 HUB_TOKEN = "hf_loopback_dummy_token"
 _HF_HOME = tempfile.mkdtemp(prefix="hf-cka-tests-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)

@@ -85,7 +85,7 @@ def test_checkpoints_are_written_every_n_batches(auto: AutoCKA, tmp_path: Path) 
     ("sort_by_length", "atol"),
     # with length sorting a resumed run regroups the padded forward batches, so the float32
     # activations (not the samples of a CKA batch) differ by rounding
-    [(False, 0.0), (True, 1e-6)],
+    [(False, 0.0), (True, 1e-7)],  # the tolerance docs/distributed.md states
 )
 def test_resume_after_an_interrupt_or_a_kill_equals_an_uninterrupted_run(
     auto: AutoCKA, tmp_path: Path, sort_by_length: bool, atol: float

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
+from helpers import subprocess_env
 from hub_server import user_for_token
 from huggingface_hub import HfApi
 from matplotlib.image import imread
@@ -21,7 +23,6 @@ from hf_cka import distributed
 from hf_cka.cli import main
 from hf_cka.result import CKAResult, DriftResult
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num-samples", "48", "--batch-size", "16", "--no-progress"]
 SECRET = "hf_cli_secret_token_do_not_print"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +36,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def saved(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved_run(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A result folder written by ``hf-cka compare`` (copy it before changing it)."""
     folder = tmp_path_factory.mktemp("cli-saved") / "run"
     assert main(["compare", models["a"], models["b"], "-o", str(folder), *FAST]) == 0
@@ -56,16 +57,6 @@ def summary_rows(out: str) -> dict[str, str]:
     return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
 
-def subprocess_env() -> dict[str, str]:
-    """The test environment (loopback Hub settings included) with this checkout importable.
-
-    One OpenMP thread: on a small busy machine more threads make tiny models far slower.
-    """
-    paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-    pythonpath = os.pathsep.join(p for p in paths if p)
-    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
-
-
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         args, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300
@@ -76,25 +67,26 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_compare_writes_result_heatmap_and_summary(
-    saved: Path, models: dict[str, str], capsys: pytest.CaptureFixture[str]
+    saved_run: Path, models: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert sorted(p.name for p in saved.iterdir()) == [
+    assert sorted(p.name for p in saved_run.iterdir()) == [
         "heatmap.png", "result.json", "tensors.safetensors",
     ]  # fmt: skip
-    assert (saved / "heatmap.png").read_bytes().startswith(PNG_MAGIC)
-    result = CKAResult.load(saved)
+    assert (saved_run / "heatmap.png").read_bytes().startswith(PNG_MAGIC)
+    result = CKAResult.load(saved_run)
     assert result.shape == (4, 4)
     assert (result.model_a, result.model_b) == (models["a"], models["b"])
     assert result.metadata["n_samples"] == 48
     assert result.metadata["batch_size"] == 16
 
     # the summary printed by the fixture's run
-    folder = saved.parent / "again"
+    folder = saved_run.parent / "again"
     assert main(["compare", models["a"], models["b"], "-o", str(folder), *FAST]) == 0
     out = capsys.readouterr().out
     again = CKAResult.load(folder)
     assert torch.equal(again.matrix, result.matrix)  # same data, same batches, same numbers
     summary = summary_rows(out)
+    assert summary["processes"] == "1"
     assert summary["model A"] == models["a"]
     assert summary["model B"] == models["b"]
     assert summary["layers"].startswith("4 x 4 (pooling=mean, kernel=linear")
@@ -131,7 +123,7 @@ def test_compare_layer_indices(models: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_compare_two_revisions_of_one_hub_repo(
-    hub, models: dict[str, str], saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub, models: dict[str, str], saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     api = HfApi()
     repo_id = f"{hub.user}/tiny-{uuid.uuid4().hex[:8]}"
@@ -147,7 +139,7 @@ def test_compare_two_revisions_of_one_hub_repo(
     assert (result.metadata["commit_sha_a"], result.metadata["commit_sha_b"]) == (sha_main, sha_v2)
     model_b = summary_rows(capsys.readouterr().out)["model B"]
     assert model_b == f"{repo_id}@v2 (commit {sha_v2[:12]})"
-    local = CKAResult.load(saved)  # the same weights as local folders a and b
+    local = CKAResult.load(saved_run)  # the same weights as local folders a and b
     torch.testing.assert_close(result.matrix, local.matrix, rtol=0, atol=1e-12)
 
 
@@ -185,9 +177,9 @@ def test_drift_writes_folder_plot_and_table(
 
 
 def test_plot_rewrites_heatmap_and_annotates(
-    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = shutil.copytree(saved, tmp_path / "run")
+    folder = shutil.copytree(saved_run, tmp_path / "run")
     (folder / "heatmap.png").unlink()
     assert main(["plot", str(folder)]) == 0
     assert (folder / "heatmap.png").read_bytes().startswith(PNG_MAGIC)
@@ -198,7 +190,7 @@ def test_plot_rewrites_heatmap_and_annotates(
     assert f"wrote {annotated}" in capsys.readouterr().out
 
 
-def test_plot_errors(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_errors(saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in one_error_line(capsys.readouterr().err)
     (tmp_path / "empty").mkdir()
@@ -210,9 +202,9 @@ def test_plot_errors(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_push_then_from_hub_gives_the_same_matrix(
-    hub, saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub, saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = shutil.copytree(saved, tmp_path / "run")
+    folder = shutil.copytree(saved_run, tmp_path / "run")
     heatmap = (folder / "heatmap.png").read_bytes()
     repo_id = f"org/cli-{uuid.uuid4().hex[:8]}"
     assert main(["push", str(folder), repo_id]) == 0
@@ -290,7 +282,121 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
-    assert "error:" in capsys.readouterr().err
+    one_error_line(capsys.readouterr().err)
+
+
+def unwritable_folder() -> str:
+    """A folder where not even root can create files (procfs), else skip."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs a Linux /proc to stand in for an unwritable folder")
+    return "/proc/hf-cka-output"
+
+
+@pytest.mark.parametrize(
+    ("make_output", "message"),
+    [
+        (lambda tmp: str(tmp / "notes.txt"), "is a file"),
+        (lambda tmp: str(tmp / "mine"), "non-empty folder that holds no hf_cka result"),
+        (lambda tmp: "", "--output is empty"),
+        (lambda tmp: " ", "--output is empty"),
+        (lambda tmp: str(tmp / "notes.txt" / "sub"), "notes.txt is a file, so no folder"),
+        (lambda tmp: unwritable_folder(), "cannot create files in /proc"),
+    ],
+    ids=["existing-file", "non-result-folder", "empty", "blank", "below-a-file", "unwritable"],
+)
+def test_bad_output_fails_in_one_line_before_any_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make_output, message: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("a,b")
+    missing = str(tmp_path / "no-such-model")  # loading it would fail with another message
+    for command in (["compare", missing], ["drift", missing, missing]):
+        started = time.perf_counter()
+        assert main([*command, "-o", make_output(tmp_path), *FAST]) == 2
+        assert time.perf_counter() - started < 1.0
+        line = one_error_line(capsys.readouterr().err)
+        assert message in line and "no-such-model" not in line
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["data.csv"]
+
+
+def test_an_earlier_result_or_empty_folder_is_a_valid_output(
+    models: dict[str, str], saved_run: Path, tmp_path: Path
+) -> None:
+    earlier = shutil.copytree(saved_run, tmp_path / "earlier")
+    (tmp_path / "empty").mkdir()
+    for folder in (earlier, tmp_path / "empty"):
+        assert main(["compare", models["a"], models["b"], "-o", str(folder), *FAST]) == 0
+        assert CKAResult.load(folder).shape == (4, 4)
+
+
+def test_a_save_that_fails_after_the_run_falls_back_and_names_the_folder(
+    models: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The output was fine when checked, then something wrote a file there during the run."""
+    from hf_cka.auto import AutoCKA
+
+    target = tmp_path / "out"
+    compare = AutoCKA.compare
+
+    def compare_then_block_the_output(self: AutoCKA, *args: object, **kwargs: object):
+        result = compare(self, *args, **kwargs)  # type: ignore[arg-type]
+        target.write_text("another program wrote this file meanwhile")
+        return result
+
+    monkeypatch.setattr(AutoCKA, "compare", compare_then_block_the_output)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", models["a"], models["b"], "-o", str(target), *FAST]) == 2
+    out, err = capsys.readouterr()
+    line = one_error_line(err)
+    (fallback,) = (tmp_path / "cka-results").iterdir()
+    named = fallback.relative_to(tmp_path)  # ./cka-results/<run id>
+    assert f"could not save to {target}" in line and line.endswith(f"saved to {named}")
+    result = CKAResult.load(fallback)
+    assert result.shape == (4, 4) and (fallback / "heatmap.png").is_file()
+    assert summary_rows(out)["saved to"].startswith(f"{named}/ ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "a", "--device", "tpu9"], "unknown device 'tpu9'"),
+        (["compare", "a", "--device", "cuda"], "no cuda device"),
+        (["compare", "a", "--device", "cuda:0"], "no cuda device"),
+        (["drift", "a", "b", "--device", "tpu9"], "unknown device 'tpu9'"),
+        (["compare", "a", "--batch-size", "8.0"], "expected an integer, got '8.0'"),
+        (["compare", "a", "--batch-size", "0"], "batch_size >= 4"),
+        (["compare", "a", "--max-length", "0"], "max_length >= 1"),
+        (["compare", "a", "--max-length", "-1"], "max_length >= 1"),
+        (["compare", "a", "--num-samples", "0"], "num_samples >= 1"),
+        (["plot", "x", "--cmap", "bogus"], "unknown colour map 'bogus'"),
+        (["plot", "x", "--cmap", "viridiss"], "Did you mean 'viridis'"),
+        (["plot", "x", "--dpi", "100000"], "resolution from 1 to 1200, got 100000"),
+        (["plot", "x", "--dpi", "0"], "resolution from 1 to 1200, got 0"),
+    ],
+)
+def test_bad_option_values_are_one_line_and_status_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main([*argv, "--no-progress"] if argv[0] != "plot" else argv) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_plot_options_are_checked_before_the_result_is_read(
+    saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = shutil.copytree(saved_run, tmp_path / "run")
+    before = (folder / "heatmap.png").read_bytes()
+    assert main(["plot", str(folder), "--cmap", "bogus", "--dpi", "100"]) == 2
+    assert main(["plot", str(folder), "--dpi", "100000"]) == 2
+    assert (folder / "heatmap.png").read_bytes() == before
+    assert main(["plot", str(folder), "--cmap", "viridis", "--dpi", "20"]) == 0
 
 
 def test_private_needs_push_to_hub(
@@ -341,3 +447,27 @@ def test_console_script_errors_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     one_error_line(proc.stderr)
     assert proc.stdout == ""
+
+
+LAZY_IMPORTS = """
+import contextlib, io, json, sys
+import hf_cka, hf_cka.functional
+after_functional = sorted(sys.modules)
+from hf_cka.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main([*command, "--help"]) for command in ([], ["compare"], ["drift"], ["plot"])]
+print(json.dumps({"functional": after_functional, "help": sorted(sys.modules), "codes": codes}))
+"""
+HEAVY = ("matplotlib", "pandas", "pyarrow", "huggingface_hub", "transformers", "datasets")
+
+
+def test_functional_and_help_import_no_heavy_library(tmp_path: Path) -> None:
+    """``import hf_cka.functional`` and ``hf-cka --help`` stay cheap: a fresh interpreter loads
+    none of matplotlib, pandas, pyarrow, huggingface_hub, transformers or datasets for them."""
+    proc = run([sys.executable, "-c", LAZY_IMPORTS], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout)
+    assert loaded["codes"] == [0, 0, 0, 0]
+    for stage in ("functional", "help"):
+        heavy = {name.split(".")[0] for name in loaded[stage]} & set(HEAVY)
+        assert not heavy, f"{stage} imported {sorted(heavy)}"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+import pytest
+from helpers import REPO_ROOT, subprocess_env
+
 from hf_cka.result import CKAResult, DriftResult
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -23,16 +24,9 @@ def run_example(
     """``python examples/NAME --offline ARGS`` in ``cwd``; the test environment is inherited.
 
     ``HF_HUB_OFFLINE=1`` (unless ``hub_offline=False``) proves that nothing is downloaded;
-    ``drop`` removes variables. One OpenMP thread keeps tiny models fast on a busy machine.
+    ``drop`` removes variables.
     """
-    env = {key: value for key, value in os.environ.items() if key not in drop}
-    paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
-    env.update(
-        PYTHONPATH=os.pathsep.join(p for p in paths if p),
-        HF_HUB_OFFLINE="1" if hub_offline else "0",
-        OMP_NUM_THREADS="1",
-        MPLBACKEND="Agg",
-    )
+    env = subprocess_env(drop=drop, HF_HUB_OFFLINE="1" if hub_offline else "0", MPLBACKEND="Agg")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--offline", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
@@ -62,6 +56,7 @@ def test_compare_two_checkpoints(tmp_path: Path) -> None:
     assert "same-layer CKA" in proc.stdout
 
 
+@pytest.mark.slow  # ~30 s; the default set runs compare_two_checkpoints and custom_modules
 def test_finetune_drift(tmp_path: Path) -> None:
     proc = run_example("finetune_drift.py", tmp_path)
     checkpoints = tmp_path / "finetune_drift_checkpoints"
@@ -83,6 +78,7 @@ def test_custom_modules(tmp_path: Path) -> None:
     assert "batch 8/8: mean CKA" in proc.stdout  # the seed-style callback ran on every batch
 
 
+@pytest.mark.slow
 def test_multi_gpu_single_process(tmp_path: Path) -> None:
     proc = run_example("multi_gpu.py", tmp_path)
     assert_png(tmp_path / "multi_gpu.png")
@@ -91,6 +87,7 @@ def test_multi_gpu_single_process(tmp_path: Path) -> None:
     assert "from 1 process(es)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_publish_to_hub_pushes_and_loads_back(hub, tmp_path: Path) -> None:
     repo_id = f"{hub.user}/example-{uuid.uuid4().hex[:8]}"
     proc = run_example("publish_to_hub.py", tmp_path, "--repo-id", repo_id, hub_offline=False)
@@ -103,6 +100,7 @@ def test_publish_to_hub_pushes_and_loads_back(hub, tmp_path: Path) -> None:
     assert f"loaded back CKAResult(run_id='{run_id}'" in proc.stdout
 
 
+@pytest.mark.slow
 def test_publish_to_hub_without_endpoint_saves_locally(tmp_path: Path) -> None:
     proc = run_example("publish_to_hub.py", tmp_path, drop=("HF_ENDPOINT",))
     assert CKAResult.load(tmp_path / "publish_to_hub").shape == (3, 4)

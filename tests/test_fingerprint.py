@@ -24,7 +24,7 @@ from hf_cka.extract import batch_distances
 from hf_cka.fingerprint import TENSORS_FILE, Fingerprint, full_matrix, triangle_size
 from hf_cka.functional import squared_distances
 from hf_cka.models import FINGERPRINT_FILE, is_fingerprint
-from hf_cka.runner import RunOptions
+from hf_cka.options import RunOptions
 
 TEXTS = tiny.varied_texts(45, seed=1)  # batch_size 6: 7 CKA batches, the last of 9 (6 + 3)
 OPTIONS = {"batch_size": 6, "progress": False}

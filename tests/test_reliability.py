@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiny
 import torch
+from helpers import subprocess_env
 from hub_server import user_for_token
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
@@ -46,7 +47,6 @@ from hf_cka.errors import (
     ResultFormatError,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXTS = probe_corpus()[:24]  # batch_size 4: six CKA batches, samples 4b..4b+3 in batch b
 SECRET = f"hf_reliability_{uuid.uuid4().hex}"  # unique to this session: any hit is a leak
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -274,8 +274,7 @@ def test_two_processes_pushing_to_one_repo_both_land(hub, tmp_path: Path) -> Non
     repo_id = f"{hub.user}/cka-race-{uuid.uuid4().hex[:8]}"
     make_result(0).push_to_hub(repo_id, local_dir=tmp_path / "seed")  # the repo exists
     go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get(
-        "PYTHONPATH", "")])}  # HF_ENDPOINT, HF_TOKEN and HF_HOME point at the loopback Hub
+    env = subprocess_env()  # HF_ENDPOINT, HF_TOKEN and HF_HOME point at the loopback Hub
     locals_ = [str(tmp_path / f"run{i}") for i in (1, 2)]
     procs = [
         subprocess.Popen([sys.executable, "-c", PUSH, repo_id, str(i), local, str(go)], env=env,
