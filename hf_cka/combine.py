@@ -25,6 +25,7 @@ from .layers import LayerSpec, Part, resolve_layers
 from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader, is_fingerprint, parse_model_spec
 from .options import RunChanges, RunOptions
+from .pooling import Pooling
 from .streaming import new_accumulator
 
 # compare() options that only the single-stream path has
@@ -90,10 +91,10 @@ def combine(
 
     def accumulator(two_sided: bool) -> Any:
         return new_accumulator(
-            options.estimator,  # type: ignore[arg-type]
+            options.estimator,
             len(names_a),
             len(names_b) if two_sided else None,
-            kernel=options.kernel,  # type: ignore[arg-type]
+            kernel=options.kernel,
             threshold=options.threshold,
             layer_names_a=names_a,
             layer_names_b=names_b,
@@ -288,7 +289,7 @@ class TwoPhaseCKA(AutoCKA):
     """
 
     def __init__(
-        self, side_a: Side, side_b: Side | None, *, pooling: str, token: str | bool | None
+        self, side_a: Side, side_b: Side | None, *, pooling: Pooling, token: str | bool | None
     ) -> None:  # no super().__init__: a stored side has no module to hook
         self.side_a, self.side_b = side_a, side_b if side_b is not None else side_a
         self.pooling = pooling
@@ -315,7 +316,7 @@ class TwoPhaseCKA(AutoCKA):
         revision_b: str | None = None,
         layers_a: str | Sequence[LayerSpec] = "auto",
         layers_b: str | Sequence[LayerSpec] = "auto",
-        pooling: str = "mean",
+        pooling: Pooling = "mean",
         part_a: Part = "encoder",
         part_b: Part = "encoder",
         token: str | bool | None = None,
@@ -351,7 +352,7 @@ class TwoPhaseCKA(AutoCKA):
         """CKA over ``data`` (default: the data the fingerprint was made from); the options
         are those of :meth:`AutoCKA.compare` except ``callback``, ``target_stderr`` and
         ``checkpoint_dir``. Returns a ``CKAResult``."""
-        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)  # type: ignore[arg-type]
+        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
         if options.pooling != self.pooling:
             raise InvalidInputError(
                 f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
