@@ -8,6 +8,7 @@ was expected, what was got and what to do about it.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 
 
@@ -127,6 +128,60 @@ class HubReadError(HfCkaError, OSError):
     def __init__(self, message: str, *, repo_id: str = "", revision: str | None = None) -> None:
         super().__init__(message)
         self.repo_id, self.revision = repo_id, revision
+
+
+# --- models and data: weights, devices, data files and dataset parts (issue 13, item 4) ---
+
+
+class WeightsFileError(HfCkaError, OSError):
+    """A model's safetensors weights are damaged or truncated."""
+
+
+class UnsafeWeightsError(HfCkaError, ValueError):
+    """A model ships its weights only as pickles (``pytorch_model.bin``), which hf_cka never
+    unpickles."""
+
+
+class DeviceNotAvailableError(HfCkaError, RuntimeError):
+    """The requested device is not a torch device, or is not available on this machine."""
+
+
+class DataNotFoundError(HfCkaError, FileNotFoundError):
+    """A data string names no existing file or folder and no reachable Hub dataset."""
+
+
+class DataFormatError(HfCkaError, ValueError):
+    """A data file or dataset exists but cannot be read (empty, malformed, wrong format)."""
+
+
+class SplitNotFoundError(HfCkaError, KeyError):
+    """A dataset has no split or config of the requested name; the message lists those it has."""
+
+
+def suggest_paths(path: str, folders_only: bool = False) -> str:
+    """``" Did you mean './minilm'?"`` for entries beside ``path`` with a close name, or ``""``.
+
+    Only the last component is compared, so a long shared parent does not make every entry
+    look close.
+    """
+    path = os.path.normpath(path)
+    parent, base = os.path.split(path)
+    try:
+        entries = [
+            e.name for e in os.scandir(parent or os.curdir) if not folders_only or e.is_dir()
+        ]
+    except OSError:
+        return ""
+    matches = difflib.get_close_matches(base, entries, n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    shown = [f"'{os.path.join(parent or os.curdir, m)}'" for m in matches]
+    return f" Did you mean {' or '.join(shown)}?"
+
+
+class ModelFormatError(HfCkaError, ValueError):
+    """A model's files were found but do not describe a model transformers can build (e.g. a
+    ``config.json`` without ``model_type``)."""
 
 
 # ------------------------------------------------------------ fingerprints (issue 15, helper F)

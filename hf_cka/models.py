@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +22,23 @@ from . import distributed
 from ._network import NETWORK_ERRORS
 from .errors import (
     DeviceMismatchError,
+    DeviceNotAvailableError,
     InvalidInputError,
     MissingDependencyError,
+    ModelFormatError,
     ModelNotFoundError,
     RemoteCodeError,
+    UnsafeWeightsError,
+    WeightsFileError,
+    suggest_paths,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
 FINGERPRINT_FILE = "fingerprint.json"  # marks a per-model store (hf_cka.fingerprint)
+MODEL_CONFIG = "config.json"
+CONFIG_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)  # one of them marks a saved model or adapter
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+PICKLE_WEIGHTS = re.compile(r"(pytorch_model.*\.bin(\.index\.json)?|adapter_model\.bin)")
 
 DTYPES = {
     "float32": torch.float32,
@@ -101,9 +111,15 @@ def parse_model_spec(spec: str, revision: str | None = None) -> tuple[str, str |
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise InvalidInputError(f"expected a model id or local folder, got {spec!r}")
     spec = os.fspath(spec)
+    check_revision(revision, spec)
     if os.path.exists(spec) or "@" not in spec:
         return spec, revision
     name, _, at_revision = spec.rpartition("@")
+    if not name.strip():
+        raise InvalidInputError(
+            f"expected a model id before '@' in '{spec}', got nothing; write 'org/model@revision'"
+        )
+    check_revision(at_revision, spec)
     if revision is not None and revision != at_revision:
         raise InvalidInputError(
             f"got revision {revision!r} and '{spec}' naming revision {at_revision!r}; give one"
@@ -111,11 +127,27 @@ def parse_model_spec(spec: str, revision: str | None = None) -> tuple[str, str |
     return name, at_revision
 
 
+def check_revision(revision: str | None, spec: str) -> None:
+    """Refuse a revision that is empty or not a string (``"repo@"``, ``revision=""``)."""
+    if revision is None or (isinstance(revision, str) and revision.strip()):
+        return
+    raise InvalidInputError(
+        f"a revision may not be empty: expected a branch, tag or commit sha (a string), got "
+        f"revision {revision!r} for '{spec}'; write e.g. 'org/model@main', or give no revision "
+        "for the default branch"
+    )
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     """``None``/``"auto"`` -> ``"auto"`` (the checkpoint's dtype); names -> ``torch.dtype``."""
     if dtype is None or dtype == "auto":
         return "auto"
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InvalidInputError(
+                f"expected a floating dtype (torch.float32, float16, bfloat16 or float64) or "
+                f"'auto', got {dtype}; model weights and activations must be floating point"
+            )
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPES:
@@ -123,22 +155,117 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return DTYPES[key]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``).
+
+    Raises:
+        DeviceNotAvailableError: not a device name (``"tpu9"``), or a device this machine lacks
+            (``"cuda"`` without CUDA, ``"cuda:3"`` with one GPU). Checked before any weights
+            are read.
+    """
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceNotAvailableError(
+            f"expected a torch device such as 'cpu', 'cuda', 'cuda:1' or 'mps', got {device!r}; "
+            "pass one of those, or no device to stay on the CPU"
+        ) from err
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "meta":
+        raise DeviceNotAvailableError(
+            "device 'meta' holds no data, so a model on it cannot compute features; pass a real "
+            "device such as 'cpu' or 'cuda'"
+        )
+    try:  # a zero-size allocation is the one check every backend (cuda, mps, xpu...) answers
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as err:  # torch asserts when built without CUDA
+        raise DeviceNotAvailableError(
+            f"device '{resolved}' is not available on this machine ({_first_line(err)}); pass "
+            f"an available device (e.g. 'cpu'{_visible_gpus()}), or no device to stay on the CPU"
+        ) from err
+    return resolved
+
+
+def check_device_map(device_map: str | dict | None) -> str | dict | None:
+    """``device_map`` unchanged when it is a placement strategy, a device that exists on this
+    machine, or a dict (checked by accelerate); else :class:`DeviceNotAvailableError`."""
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if not isinstance(device_map, str):
+        raise DeviceNotAvailableError(
+            f"expected device_map as one of {DEVICE_MAP_STRATEGIES}, a device or a dict, got "
+            f"{type(device_map).__name__}"
+        )
+    try:
+        resolve_device(device_map)
+    except DeviceNotAvailableError as err:
+        raise DeviceNotAvailableError(
+            f"expected device_map in {DEVICE_MAP_STRATEGIES} or an available device, got "
+            f"{device_map!r}: {str(err).split(';')[0]}"
+        ) from err
+    return device_map
+
+
+def _visible_gpus() -> str:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "".join(f", 'cuda:{i}'" for i in range(min(count, 4)))
+
+
+def _status(err: Exception) -> int | None:
+    """HTTP status of a Hub error (``None`` without a response)."""
+    return getattr(getattr(err, "response", None), "status_code", None)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def resolve_commit(
     name: str, revision: str | None, token: str | bool | None
 ) -> tuple[str | None, set[str]]:
     """Commit sha of ``revision`` of ``name`` and the repo's file names.
 
-    A local folder has no sha (``None``) and lists its own files.
+    A local folder has no sha (``None``) and lists its own files. When the Hub cannot be
+    reached, a cached model gives the sha and the files of its cached snapshot.
+
+    Raises:
+        ModelNotFoundError: ``name`` is neither a local folder nor a reachable (or cached) Hub
+            repo; the message suggests close local folder names.
+        InvalidInputError: a revision was given for a local folder.
     """
     if os.path.isdir(name):
+        if revision is not None:
+            raise InvalidInputError(
+                f"'{name}' is a local folder, which has no revisions, got revision "
+                f"{revision!r}; drop the revision, or name a Hub repo"
+            )
         return None, set(os.listdir(name))
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
         HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import validate_repo_id
 
+    if os.path.exists(name):
+        raise ModelNotFoundError(
+            f"'{name}' is a file; expected a model folder (holding config.json and the weights) "
+            "or a Hub repo id: pass the folder that holds it"
+        )
+    missing = f"no local folder '{name}' (looked for {os.path.abspath(name)})"
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:  # a path, not an id: never ask the Hub about it
+        raise ModelNotFoundError(
+            f"{missing}, and '{name}' is not a Hub repo id either; check the path."
+            f"{suggest_paths(name, folders_only=True)}"
+        ) from err
     try:
         info = HfApi().model_info(name, revision=revision, token=token)
     except RevisionNotFoundError as err:
@@ -146,21 +273,81 @@ def resolve_commit(
             f"revision {revision!r} not found in model repo '{name}'; pass an existing branch, "
             "tag or commit sha"
         ) from err
-    except (RepositoryNotFoundError, HFValidationError) as err:
+    except GatedRepoError as err:
         raise ModelNotFoundError(
-            f"'{name}' is neither a local folder nor a model repo on the Hub (or it is private: "
-            "pass token=...); check the id or the path"
+            f"model repo '{name}' is gated: accept its conditions on its Hub page, then pass "
+            "token=... (--token) of the account that accepted them"
+        ) from err
+    except (RepositoryNotFoundError, HfHubHTTPError) as err:
+        if isinstance(err, RepositoryNotFoundError) or _status(err) == 404:
+            raise ModelNotFoundError(
+                f"{missing} and no model repo '{name}' on the Hub (or it is private: pass "
+                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
+            ) from err
+        raise ModelNotFoundError(
+            f"the Hub answered HTTP {_status(err)} when looking up model repo '{name}' "
+            f"({_first_line(err)}); check token=... for a private repo, or retry later"
         ) from err
     except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
+        cached = [try_to_load_from_cache(name, f, revision=revision) for f in CONFIG_FILES]
+        snapshot = next((os.path.dirname(c) for c in cached if isinstance(c, str)), None)
+        if snapshot is None:
+            raise ModelNotFoundError(
+                f"{missing}, and the Hub could not be reached ({type(err).__name__}) to look for "
+                f"a model repo '{name}', which is not in the local cache either; check the path, "
+                f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}"
+            ) from err
+        commit = os.path.basename(snapshot)  # the cache names each snapshot by its commit sha
         warnings.warn(
             f"could not reach the Hub to resolve '{name}' ({type(err).__name__}); loading it "
-            "from the local cache, without a commit sha in the provenance",
+            f"from the local cache, at the cached commit {commit}",
             UserWarning,
             stacklevel=3,
         )
-        cached = try_to_load_from_cache(name, ADAPTER_CONFIG, revision=revision)
-        return None, {ADAPTER_CONFIG} if isinstance(cached, str) else set()
+        return commit, set(os.listdir(snapshot))
     return info.sha, {sibling.rfilename for sibling in info.siblings or []}
+
+
+def check_model_files(name: str, files: set[str], local: bool) -> None:
+    """Refuse, before any weights are read, a model whose files cannot be loaded safely.
+
+    Raises:
+        ModelNotFoundError: no ``config.json`` (not a saved model).
+        UnsafeWeightsError: weights only as pickles (``pytorch_model.bin``): never unpickled.
+        WeightsFileError: a local ``*.safetensors`` file is truncated or damaged.
+    """
+    top = {f for f in files if "/" not in f}
+    where = "folder" if local else "model repo"
+    if not top & set(CONFIG_FILES):
+        raise ModelNotFoundError(
+            f"the {where} '{name}' holds no {MODEL_CONFIG}, so it is not a saved model; expected "
+            "a folder written by model.save_pretrained(folder) (or a model repo id)"
+        )
+    safetensors = sorted(f for f in top if f.endswith(".safetensors"))
+    pickles = sorted(f for f in top if PICKLE_WEIGHTS.fullmatch(f))
+    if not safetensors and pickles:
+        raise UnsafeWeightsError(
+            f"the {where} '{name}' holds its weights only as pickles ({', '.join(pickles)}), "
+            "which hf_cka never unpickles (a pickle can run code); expected model.safetensors: "
+            "if you trust the file, load the model yourself and save it with "
+            "model.save_pretrained(folder, safe_serialization=True), then compare that folder"
+        )
+    for file in safetensors if local else ():
+        _check_safetensors(os.path.join(name, file))
+
+
+def _check_safetensors(path: str) -> None:
+    """Open ``path``'s header (memory-mapped, no tensor read) to catch truncation or damage."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise WeightsFileError(
+            f"the weights file '{path}' is damaged or truncated ({_first_line(err)}); expected "
+            "a complete safetensors file: download or save the model again"
+        ) from err
 
 
 class ModelLoader:
@@ -196,7 +383,7 @@ class ModelLoader:
         self.dtype = resolve_dtype(dtype)
         if device is None and device_map is None:  # under a launcher: this process's own GPU
             device = distributed.local_device()
-        self.device, self.device_map = device, device_map
+        self.device, self.device_map = resolve_device(device), check_device_map(device_map)
         self.trust_remote_code, self.token = trust_remote_code, token
         self._loaded: dict[tuple[str, str | None], LoadedModel] = {}
 
@@ -204,8 +391,10 @@ class ModelLoader:
         """Load ``spec`` (Hub id, local folder or ``"repo@revision"``), adapters included."""
         name, revision = parse_model_spec(spec, revision)
         commit, files = resolve_commit(name, revision, self.token)
-        key = (os.path.abspath(name) if os.path.isdir(name) else name, commit or revision)
+        local = os.path.isdir(name)
+        key = (os.path.abspath(name) if local else name, commit or revision)
         if key not in self._loaded:
+            check_model_files(name, files, local)
             if ADAPTER_CONFIG in files:
                 self._loaded[key] = self._load_adapter(name, revision, commit)
             else:
@@ -220,13 +409,19 @@ class ModelLoader:
         }
 
     def _load_full(self, name: str, revision: str | None, commit: str | None) -> LoadedModel:
+        from safetensors import SafetensorError
         from transformers import AutoModel
 
         common = self._common(commit or revision)
-        try:
+        try:  # use_safetensors: never fall back to unpickling pytorch_model.bin
             model = AutoModel.from_pretrained(
-                name, dtype=self.dtype, device_map=self.device_map, **common
+                name, dtype=self.dtype, device_map=self.device_map, use_safetensors=True, **common
             )
+        except SafetensorError as err:
+            raise WeightsFileError(
+                f"the weights of model '{name}' are damaged or truncated ({_first_line(err)}); "
+                "expected complete safetensors files: download or save the model again"
+            ) from err
         except ValueError as err:
             if "trust_remote_code" in str(err):
                 raise RemoteCodeError(
@@ -234,8 +429,16 @@ class ModelLoader:
                     "asked: review the repo, then pass trust_remote_code=True "
                     "(--trust-remote-code)"
                 ) from err
-            raise
+            raise ModelFormatError(
+                f"transformers could not build a model from '{name}' ({_first_line(err)}); "
+                "check its config.json (model_type, architectures) and the dtype/device_map given"
+            ) from err
         except (OSError, *NETWORK_ERRORS) as err:
+            if os.path.isdir(name):
+                raise ModelNotFoundError(
+                    f"could not load the model folder '{name}' ({_first_line(err)}); check its "
+                    "config.json and weights, or save the model again"
+                ) from err
             raise ModelNotFoundError(
                 f"could not load model '{name}' ({err}); check the id, your network or "
                 "HF_HUB_OFFLINE, and that the model is in the local cache when offline"
@@ -257,13 +460,25 @@ class ModelLoader:
                 f"'{name}' is a PEFT adapter; loading it needs the peft library: "
                 "pip install 'hf_cka[peft]'"
             ) from err
-        config = PeftConfig.from_pretrained(name, revision=commit or revision, token=self.token)
+        try:
+            config = PeftConfig.from_pretrained(name, revision=commit or revision, token=self.token)
+        except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            raise ModelFormatError(
+                f"the {ADAPTER_CONFIG} of adapter '{name}' is unreadable ({_first_line(err)}); "
+                "expected the file peft's save_pretrained writes: save the adapter again"
+            ) from err
         if not config.base_model_name_or_path:
             raise ModelNotFoundError(
                 f"adapter '{name}' does not name its base model (base_model_name_or_path in "
                 f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly"
             )
-        base = self.load(config.base_model_name_or_path, config.revision)
+        try:
+            base = self.load(config.base_model_name_or_path, config.revision)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(
+                f"adapter '{name}' names the base model '{config.base_model_name_or_path}' "
+                f"(base_model_name_or_path in its {ADAPTER_CONFIG}), which was not found: {err}"
+            ) from err
         adapter_name = f"adapter_{len([m for m in self._loaded.values() if m.base is base])}"
         source = {"revision": commit or revision, "token": self.token}
         if base.peft is None:

@@ -4,6 +4,9 @@ loopback Hub (``repo@revision``, commit shas), dtype, pad tokens and the typed l
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +171,31 @@ def test_unknown_hub_repo_raises_model_not_found(hub) -> None:
 def test_unknown_revision_raises_model_not_found(hub_models) -> None:
     with pytest.raises(ModelNotFoundError, match="'no-such-tag'"):
         AutoCKA.from_pretrained(f"{hub_models['a']}@no-such-tag")
+
+
+def test_a_cached_hub_model_loads_offline_with_one_warning(hub_models) -> None:
+    """Offline, a Hub model already in the cache loads from its cached snapshot (whose file list
+    passes the weight checks, and whose folder name is the commit sha recorded), with one
+    warning. Models are downloaded at their commit sha, which writes no ``refs/main``: offline,
+    name the sha."""
+    sha = AutoCKA.from_pretrained(hub_models["b"]).model_a.commit_sha  # online: fills the cache
+    script = (
+        "import warnings\n"
+        "from hf_cka.models import ModelLoader\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    loaded = ModelLoader().load({hub_models['b']!r}, {sha!r})\n"
+        "print(type(loaded.model).__name__, loaded.commit_sha)\n"
+        "print('; '.join(str(w.message) for w in caught))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loaded, warned = done.stdout.splitlines()
+    assert loaded == f"GPT2Model {sha}"
+    assert warned.startswith("could not reach the Hub to resolve") and sha in warned, warned
+    assert warned.count("could not reach") == 1, warned
 
 
 # ----------------------------------------------------------------------------- other errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -142,3 +143,37 @@ def test_missing_peft_names_the_extra(setup, monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_peft)
     with pytest.raises(MissingDependencyError, match=r"hf_cka\[peft\]"):
         ModelLoader().load(str(adapter))
+
+
+def test_pickle_only_adapter_is_refused_and_never_unpickled(setup, tmp_path: Path) -> None:
+    """An adapter saved only as ``adapter_model.bin`` is refused before peft could unpickle it."""
+    import shutil
+
+    from hf_cka.errors import UnsafeWeightsError
+
+    _, _, adapter = setup
+    pickled = Path(shutil.copytree(adapter, tmp_path / "pickled"))
+    (pickled / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (pickled / "adapter_model.bin").write_bytes(tiny.code_running_pickle(marker))
+    with pytest.raises(UnsafeWeightsError, match=r"only as pickles \(adapter_model\.bin\)"):
+        ModelLoader().load(str(pickled))
+    assert not marker.exists()
+
+
+def test_a_broken_adapter_config_or_a_missing_base_is_typed(tmp_path: Path) -> None:
+    from hf_cka.errors import ModelFormatError, ModelNotFoundError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{garbage")
+    with pytest.raises(ModelFormatError, match="adapter_config.json of adapter .* is unreadable"):
+        ModelLoader().load(str(broken))
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "gone"), "r": 4}
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelNotFoundError, match="names the base model .*gone.* which was not found"
+    ):
+        ModelLoader().load(str(orphan))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pickle
 import random
 from pathlib import Path
 
@@ -250,3 +251,18 @@ def build_multimodal(kind: str, seed: int = 0):
         )
         return tf.Wav2Vec2Model(cfg).eval()
     raise ValueError(kind)
+
+
+class _CreatesFile:
+    """Unpickling this object creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def code_running_pickle(marker: Path) -> bytes:
+    """A pickle whose loading runs code (it creates ``marker``): proof that a file was unpickled."""
+    return pickle.dumps(_CreatesFile(marker))
