@@ -23,6 +23,8 @@ _EXPORTS = {
     "CKA": "engine",
     "CKAResult": "result",
     "DriftResult": "result",
+    "Fingerprint": "fingerprint",
+    "GridResult": "grid",
     "HfCkaError": "errors",
     "MinibatchCKA": "metric",
     "RunOptions": "options",
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from .auto import AutoCKA as AutoCKA
     from .engine import CKA as CKA
     from .errors import HfCkaError as HfCkaError
+    from .fingerprint import Fingerprint as Fingerprint
+    from .grid import GridResult as GridResult
     from .metric import MinibatchCKA as MinibatchCKA
     from .options import RunOptions as RunOptions
     from .plotting import plot_cka_comparison as plot_cka_comparison

@@ -34,6 +34,8 @@ from .runner import Accumulated, Comparison, Extractor, check_max_length, run_co
 from .tokens import clean_token
 
 if TYPE_CHECKING:
+    from .fingerprint import Fingerprint
+    from .grid import GridResult
     from .result import CKAResult, DriftResult
 
 ESTIMATOR_LABELS = {
@@ -120,12 +122,25 @@ class AutoCKA:
         adapter (a repo or folder with ``adapter_config.json``) is put
         on its base model; a lone adapter is compared with its base, with one copy of the
         weights. ``dtype=None`` keeps the checkpoint's dtype; accumulation is float64 whatever.
+        A fingerprint (a folder or Hub dataset repo with ``fingerprint.json``, see
+        :meth:`fingerprint`) stands in for a model: ``compare`` then runs only the other
+        model's forward passes.
 
         Raises:
             InvalidInputError: an empty layer list or an unknown pooling, before any download.
         """
         check_pooling(pooling)
         _check_some_layers(layers_a=layers_a, layers_b=layers_b)
+        if any(_names_fingerprint(spec, rev, token) for spec, rev in
+               ((model_a, revision_a), (model_b, revision_b))):  # fmt: skip
+            from .combine import TwoPhaseCKA
+
+            return TwoPhaseCKA.from_sources(
+                model_a, model_b, revision_a=revision_a, revision_b=revision_b,
+                layers_a=layers_a, layers_b=layers_b, pooling=pooling, part_a=part_a,
+                part_b=part_b, token=clean_token(token), dtype=dtype, device=device,
+                device_map=device_map, trust_remote_code=trust_remote_code,
+            )  # fmt: skip
         loader = ModelLoader(
             dtype=dtype,
             device=device,
@@ -223,17 +238,20 @@ class AutoCKA:
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
+        one_model_at_a_time: bool = True,
         options: RunOptions | None = None,
         **changes: Unpack[RunChanges],
     ) -> DriftResult:
         """CKA of a base model against each of several checkpoints; returns a ``DriftResult``.
 
         Checkpoints are Hub ids, local folders, ``"repo@revision"`` (several revisions of one
-        repo work) or PEFT adapters (put on the base model: one copy of its weights). All models
-        are loaded together and the data streams once: per batch the base model runs ONE
-        forward pass shared by the k comparisons (k + 1 passes, not 2k). ``options`` and
-        ``changes`` are those of :meth:`compare` (``pooling``, ``batch_size``, ``num_samples``
-        ...), validated before any model is loaded.
+        repo work), PEFT adapters or fingerprints (see :meth:`fingerprint`). By default ONE model
+        is in memory at a time: the base is extracted once, then each checkpoint is loaded,
+        extracted, freed and combined with the base (k + 1 forward-pass sets). With
+        ``one_model_at_a_time=False`` all models are loaded together and the data streams once
+        (adapters then share one copy of the base weights). ``options`` and ``changes`` are
+        those of :meth:`compare` (``pooling``, ``batch_size``, ``num_samples`` ...), validated
+        before any model is loaded.
         """
         if isinstance(checkpoints, str) or not checkpoints:
             raise InvalidInputError(
@@ -241,6 +259,20 @@ class AutoCKA:
             )
         options = (options or DEFAULTS).replace(**changes)
         _check_some_layers(layers=layers)
+        if one_model_at_a_time:
+            from .combine import drift_one_at_a_time
+            from .extract import ModelSource
+
+            loading = {"dtype": dtype, "device": device, "device_map": device_map,
+                       "trust_remote_code": trust_remote_code}  # fmt: skip
+            sources = [
+                ModelSource(spec, rev, layers, part, loading)
+                for spec, rev in [(base, revision), *((c, None) for c in checkpoints)]
+            ]
+            results = drift_one_at_a_time(
+                sources[0], sources[1:], data, options, clean_token(token)
+            )
+            return _drift_result(base, list(checkpoints), results)
         loader = ModelLoader(
             dtype=dtype,
             device=device,
@@ -270,14 +302,92 @@ class AutoCKA:
                     f"'{base_model.name}' {comparison.layers_a}; pass layers=[...] that both have"
                 )
         results = _compare_all(comparisons, data, options, token)
-        from .result import DriftResult
+        return _drift_result(base_model.name, [c.model_b.name for c in comparisons], results)
 
-        return DriftResult(
-            base=base_model.name,
-            checkpoints=[c.model_b.name for c in comparisons],
-            results=results,
-            metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
+    @classmethod
+    def fingerprint(
+        cls,
+        model: str,
+        data: Any = None,
+        *,
+        revision: str | None = None,
+        layers: str | Sequence[LayerSpec] = "auto",
+        part: Part = "encoder",
+        shuffle_seed: int | None = None,
+        features: bool = False,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+        options: RunOptions | None = None,
+        **changes: Unpack[RunChanges],
+    ) -> Fingerprint:
+        """Run ONE model over ``data`` and return its :class:`~hf_cka.fingerprint.Fingerprint`.
+
+        The store holds, per layer and CKA batch, the float64 squared distances of the pooled
+        features (and the features themselves with ``features=True``), the batch composition
+        and sample digests and the model's provenance; ``save``/``push_to_hub`` it and compare
+        any model with it later (``AutoCKA.from_pretrained(folder_or_repo, other)``) without
+        this model. Batches are those of :meth:`compare` (``batch_size`` consecutive samples),
+        after a fixed shuffle of the samples when ``shuffle_seed`` is given. The model is freed
+        before returning. ``options``/``changes``: the data and extraction fields of
+        :class:`~hf_cka.options.RunOptions` (``pooling``, ``batch_size``, ``max_length``,
+        ``num_samples`` ...); the other arguments are those of :meth:`from_pretrained`.
+        """
+        from dataclasses import replace
+
+        from .combine import extract_options
+        from .extract import ModelSource, fingerprint_model
+
+        options = (options or DEFAULTS).replace(**changes)
+        _check_some_layers(layers=layers)
+        loading = {"dtype": dtype, "device": device, "device_map": device_map,
+                   "trust_remote_code": trust_remote_code}  # fmt: skip
+        extraction = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
+        source = ModelSource(model, revision, layers, part, loading)
+        return fingerprint_model(
+            source, data, options.pooling, extraction, token=clean_token(token)
         )
+
+    @classmethod
+    def grid(
+        cls,
+        models: Sequence[str],
+        data: Any = None,
+        *,
+        layers: str | Sequence[LayerSpec] = "auto",
+        part: Part = "encoder",
+        shuffle_seed: int | None = None,
+        features: bool = False,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+        options: RunOptions | None = None,
+        **changes: Unpack[RunChanges],
+    ) -> GridResult:
+        """CKA between every pair of ``models``; returns a :class:`~hf_cka.grid.GridResult`.
+
+        Each model (Hub id, folder, ``"repo@revision"``, adapter or fingerprint) is loaded,
+        extracted ONCE and freed before the next: N models cost N models' forward passes and
+        one model's memory. ``options``/``changes`` are those of :meth:`compare`.
+        """
+        from .extract import ModelSource
+        from .grid import run_grid
+
+        if isinstance(models, str):
+            raise InvalidInputError(f"expected a list of models, got the string {models!r}")
+        options = (options or DEFAULTS).replace(**changes)
+        _check_some_layers(layers=layers)
+        loading = {"dtype": dtype, "device": device, "device_map": device_map,
+                   "trust_remote_code": trust_remote_code}  # fmt: skip
+        sources = [ModelSource(model, None, layers, part, loading) for model in models]
+        return run_grid(
+            sources, data, options, shuffle_seed=shuffle_seed, features=features,
+            token=clean_token(token),
+        )  # fmt: skip
 
     def extract_features(
         self,
@@ -396,6 +506,26 @@ def _compare_all(
             )
         )
     return results
+
+
+def _names_fingerprint(spec: str | None, revision: str | None, token: str | bool | None) -> bool:
+    from .models import is_fingerprint, parse_model_spec
+
+    if spec is None:
+        return False
+    name, revision = parse_model_spec(spec, revision)
+    return is_fingerprint(name, revision, clean_token(token))
+
+
+def _drift_result(base: str, checkpoints: list[str], results: list[CKAResult]) -> DriftResult:
+    from .result import DriftResult
+
+    return DriftResult(
+        base=base,
+        checkpoints=checkpoints,
+        results=results,
+        metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
+    )
 
 
 def _stderr(accumulated: Accumulated) -> torch.Tensor | None:

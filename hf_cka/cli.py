@@ -4,6 +4,8 @@ Subcommands:
 
 - ``compare A [B]``: CKA between the layers of two models; writes a result folder and a heatmap.
 - ``drift BASE CKPT [CKPT ...]``: same-layer CKA of a base model with several checkpoints.
+- ``fingerprint MODEL``: runs ONE model and writes its per-model store (a fingerprint).
+- ``grid M1 M2 [M ...]``: CKA between every pair of N models, each run once.
 - ``plot RESULT_DIR``: re-plots a saved result.
 - ``push RESULT_DIR REPO_ID``: publishes a saved result as a Hub dataset.
 
@@ -102,6 +104,26 @@ examples:
 
 The printed table holds, per layer and checkpoint, the CKA of that layer in the base model and
 the same layer in the checkpoint (1 = unchanged representation)."""
+
+FINGERPRINT_EPILOG = """\
+examples:
+  # publish what CKA needs of a model on the probe corpus: others compare with it by running
+  # only their own model (hf-cka compare me/bert-fingerprint ./my-model)
+  hf-cka fingerprint google-bert/bert-base-uncased --output bert-fp --push-to-hub me/bert-fp
+
+  # on your own data, with the pooled features for the exact estimators
+  hf-cka fingerprint ./model --dataset stanfordnlp/sst2 --text-column sentence --features
+
+A fingerprint folder (or its Hub dataset repo) is accepted wherever a model is."""
+
+GRID_EPILOG = """\
+examples:
+  hf-cka grid org/a org/b org/c org/d --output four-models
+  hf-cka grid ./base ./ft-1 me/published-fingerprint --num-samples 512
+
+Each model is loaded, run once and freed before the next; every pair is then combined. The
+folder holds grid.json, one result folder per pair and grid.png (models clustered by the mean
+best-layer CKA)."""
 
 PLOT_EPILOG = """\
 examples:
@@ -455,8 +477,57 @@ def _add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
     )
 
 
+def _add_layer_choice(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--layers",
+        type=_layers,
+        default="auto",
+        metavar="LAYERS",
+        help="layers: 'auto' (default) or comma-separated names/indices such as 0,-1",
+    )
+    group.add_argument(
+        "--part",
+        choices=PARTS,
+        default="encoder",
+        help="which stack of encoder-decoder models to use (default: encoder)",
+    )
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("store")
+    group.add_argument(
+        "--shuffle-seed",
+        type=int,
+        metavar="SEED",
+        help="form the CKA batches after shuffling the samples with this seed (default: data"
+        " order)",
+    )
+    group.add_argument(
+        "--features",
+        action="store_true",
+        help="also store the pooled features (needed by --estimator linear/debiased)",
+    )
+
+
+def _add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", "-o", metavar="DIR", help=f"folder to write {what} to")
+    group.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="also publish it as a Hub dataset (one commit)"
+    )
+    group.add_argument(
+        "--private", action="store_true", help="make a newly created Hub dataset private"
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (for logs and CI)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hf-cka`` argument parser with its four subcommands."""
+    """The ``hf-cka`` argument parser with its six subcommands."""
     debug = _Parser(add_help=False)
     debug.add_argument(
         "--debug", action="store_true", help="show the full traceback when something fails"
@@ -562,6 +633,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(drift)
     _add_estimator(drift)
     _add_output(drift, DRIFT_PLOT_FILE)
+
+    drift.add_argument(
+        "--all-models-at-once",
+        dest="one_model_at_a_time",
+        action="store_false",
+        help="load the base and every checkpoint together and stream the data once (needs k + 1"
+        " models' memory; default: one model at a time)",
+    )
+
+    fingerprint = command(
+        "fingerprint",
+        "Run ONE model and save what CKA needs of it (a fingerprint).",
+        FINGERPRINT_EPILOG,
+        usage="%(prog)s [options] MODEL",
+    )
+    fingerprint.set_defaults(handler=_fingerprint)
+    models = fingerprint.add_argument_group("model")
+    models.add_argument("model", metavar="MODEL", help="Hub id, local folder or repo@revision")
+    models.add_argument("--revision", metavar="REV", help="branch, tag or commit of MODEL")
+    _add_layer_choice(models)
+    _add_loading(fingerprint)
+    _add_data(fingerprint)
+    _add_store_options(fingerprint)
+    fingerprint.add_argument(
+        "--pooling",
+        choices=[p for p in get_args(Pooling) if p != "tokens"],
+        default=DEFAULTS.pooling,
+        help="how token activations become one vector per example (default: mean)",
+    )
+    _add_store_output(fingerprint, "the fingerprint (fingerprint.json, .safetensors, README.md)")
+
+    grid = command(
+        "grid",
+        "CKA between every pair of N models, each run once, one at a time.",
+        GRID_EPILOG,
+        usage="%(prog)s [options] M1 M2 [M ...]",
+    )
+    grid.set_defaults(handler=_grid)
+    models = grid.add_argument_group("models")
+    models.add_argument(
+        "models", metavar="M", nargs="+", help="models or fingerprints (at least 2)"
+    )
+    _add_layer_choice(models)
+    _add_loading(grid)
+    _add_data(grid)
+    _add_estimator(grid)
+    _add_store_options(grid)
+    _add_store_output(grid, "the grid (grid.json, one folder per pair, grid.png)")
 
     plot = command("plot", "Re-plot a saved CKA or drift result.", PLOT_EPILOG)
     plot.set_defaults(handler=_plot)
@@ -683,6 +802,7 @@ def _drift(args: argparse.Namespace) -> int:
         revision=args.revision,
         layers=args.layers,
         part=args.part,
+        one_model_at_a_time=args.one_model_at_a_time,
         options=options,
         **_loading_options(args),
     )
@@ -691,6 +811,79 @@ def _drift(args: argparse.Namespace) -> int:
     saved = _save(drift, output, DRIFT_PLOT_FILE, args)
     print(_drift_summary(drift, saved.folder, saved.url))
     return saved.report()
+
+
+def _fingerprint(args: argparse.Namespace) -> int:
+    from .auto import AutoCKA
+
+    options, output = _prepare_run(args)
+    fingerprint = AutoCKA.fingerprint(
+        args.model,
+        args.dataset,
+        revision=args.revision,
+        layers=args.layers,
+        part=args.part,
+        shuffle_seed=args.shuffle_seed,
+        features=args.features,
+        options=options,
+        **_loading_options(args),
+    )
+    if not distributed.is_main_process():
+        return 0
+    folder = output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
+    fingerprint.save(folder)
+    rows = [
+        ("model", _model_line(fingerprint.name, fingerprint.model.get("revision"),
+                              fingerprint.model.get("commit_sha"))),
+        ("layers", f"{len(fingerprint.layers)} (pooling={args.pooling})"),
+        ("samples", f"{fingerprint.n_samples} in {len(fingerprint.batch_sizes)} batches of"
+                    f" {args.batch_size} from {fingerprint.data.get('dataset')}"),
+        ("saved to", f"{folder}/"),
+    ]  # fmt: skip
+    if args.push_to_hub:
+        url = fingerprint.push_to_hub(
+            args.push_to_hub, private=args.private or None, token=args.token
+        )
+        rows.append(("pushed to", url))
+    print(_table(rows))
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from .auto import AutoCKA
+    from .storage import DEFAULT_LOCAL_ROOT
+
+    if len(args.models) < 2:
+        raise InvalidInputError(f"a grid needs at least 2 models, got {args.models}")
+    options, output = _prepare_run(args)
+    grid = AutoCKA.grid(
+        args.models,
+        args.dataset,
+        layers=args.layers,
+        part=args.part,
+        shuffle_seed=args.shuffle_seed,
+        features=args.features,
+        options=options,
+        **_loading_options(args),
+    )
+    if not distributed.is_main_process():
+        return 0
+    folder = output or DEFAULT_LOCAL_ROOT / grid.grid_id
+    grid.save(folder)
+    rows = [(f"model [{i}]", name) for i, name in enumerate(grid.models)]
+    rows.append(("samples", _samples_line(grid.results[0, 1].metadata)))
+    summary = [f"{'':>8}" + "".join(f"{f'[{j}]':>7}" for j in range(len(grid.models)))]
+    for i, values in enumerate(grid.summary.tolist()):
+        summary.append(f"{f'[{i}]':>8}" + "".join(f"{value:>7.3f}" for value in values))
+    footer = [("saved to", f"{folder}/ (grid.json, one folder per pair, grid.png)")]
+    if args.push_to_hub:
+        url = grid.push_to_hub(
+            args.push_to_hub, private=args.private or None, token=args.token, local_dir=folder
+        )
+        footer.append(("pushed to", url))
+    title = "mean over the layers of [i] of their best CKA in [j]:"
+    print("\n".join([_table(rows), "", title, *summary, "", _table(footer)]))
+    return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -731,6 +924,10 @@ def _is_drift(result: Any) -> bool:
 
 
 def _plot_file(result: Any) -> str:
+    from .grid import GridResult
+
+    if isinstance(result, GridResult):
+        return "grid.png"
     return DRIFT_PLOT_FILE if _is_drift(result) else HEATMAP_FILE
 
 
@@ -743,6 +940,10 @@ def _load(folder: Path) -> Any:
             f"{folder} is not a folder; expected a result folder written by `hf-cka compare`,"
             " `hf-cka drift` or result.save()"
         )
+    from .grid import GRID_FILE, GridResult
+
+    if (folder / GRID_FILE).is_file():
+        return GridResult.load(folder)
     return DriftResult.load(folder) if (folder / DRIFT_FILE).is_file() else CKAResult.load(folder)
 
 

@@ -184,6 +184,13 @@ class ModelFormatError(HfCkaError, ValueError):
     ``config.json`` without ``model_type``)."""
 
 
+# ------------------------------------------------------------ fingerprints (issue 15, helper F)
+
+
+class FingerprintMismatchError(HfCkaError, ValueError):
+    """Two per-model stores (fingerprints) describe other samples, batches or settings."""
+
+
 # --- paired columns and audio (issue 17) ---
 
 

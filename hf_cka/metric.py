@@ -57,7 +57,15 @@ from .errors import (
     InvalidInputError,
     ShapeMismatchError,
 )
-from .functional import KERNELS, Kernel, check_threshold, gram, u_center_gram
+from .functional import (
+    KERNELS,
+    Kernel,
+    _median,
+    center_gram,
+    check_threshold,
+    gram,
+    u_center_gram,
+)
 
 _PAIR_STATES = ("c", "ww_c", "ww_cc", "ww_ca", "ww_ce", "ww_ae")
 _A_STATES = ("a", "ww_a", "ww_aa", "raw_a")
@@ -366,6 +374,53 @@ class MinibatchCKA:
         if first:
             self._set_exponents(exps_a, exps_b)
 
+    def update_from_distances(
+        self,
+        distances_a: torch.Tensor,
+        distances_b: torch.Tensor | None = None,
+        *,
+        batch_index: int | None = None,
+    ) -> None:
+        """Add one batch from stored ``(L, n, n)`` squared distances ``D_ij = ||x_i - x_j||^2``
+        of each layer's pooled features instead of the features themselves.
+
+        The linear Gram of the column-centred features is ``-H D H / 2`` (classical scaling,
+        ``H = I - 11^T / n``) and the RBF Gram is ``exp(-D / (2 threshold^2 median(D)))``, so
+        the batch adds what :meth:`update` adds for the features (to float64 rounding). The
+        scale exponents come from ``max sqrt(D)`` (distances scale as the features).
+        """
+        check_sides(self, distances_b)
+        where = self.n_batches if batch_index is None else batch_index
+        first = not self._scale_fixed
+        given = [(distances_a, self.num_layers_a, self.layer_names_a, self.exponents_a)]
+        if distances_b is not None:
+            given.append((distances_b, self.num_layers_b, self.layer_names_b, self.exponents_b))
+        sides, centred = [], []
+        for distances, num_layers, names, fixed in given:
+            if distances.dim() != 3 or distances.shape[0] != num_layers:
+                raise ShapeMismatchError(
+                    f"expected ({num_layers}, n, n) squared distances, got {tuple(distances.shape)}"
+                )
+            layers = list(distances.to(torch.float64))
+            exps = scale_exponents([d.sqrt() for d in layers]) if first else fixed
+            scaled = torch.stack(scaled_features(layers, 2 * exps))  # D scales as x^2
+            centred.append(self._probed(gram_from_distances(scaled, self.kernel, self.threshold)))
+            sides.append((names, layers, exps))
+        n = distances_a.shape[-1]
+        if distances_b is not None and distances_b.shape[-1] != n:
+            raise ShapeMismatchError(
+                f"side A has {n} samples in this batch and side B {distances_b.shape[-1]}; both "
+                "sides must describe the same samples"
+            )
+
+        def check_finite(*probes: torch.Tensor) -> None:
+            for probe, (names, layers, exps) in zip(probes, sides, strict=True):
+                check_finite_layers(probe, names, where, layers, exps)
+
+        self._accumulate(centred[0], centred[-1], n, check_finite)
+        if first:
+            self._set_exponents(sides[0][2], sides[-1][2])
+
     def _u_centered(
         self, feats: list[torch.Tensor], exponents: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,7 +431,11 @@ class MinibatchCKA:
         probe is the Gram trace; an RBF kernel has ``K_ii = 1`` whatever the distances, so there
         the probe is the sum of the whole Gram matrix. Nothing is read back to the host here.
         """
-        k = self._grams(scaled_features(feats, exponents))
+        return self._probed(self._grams(scaled_features(feats, exponents)))
+
+    def _probed(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U(K)`` of ``(L, n, n)`` Gram matrices and their ``(2, L)`` probes (see
+        :meth:`_u_centered`)."""
         diagonal = k.diagonal(dim1=-2, dim2=-1)
         probe = diagonal.sum(-1) if self.kernel == "linear" else k.sum(dim=(-2, -1))
         return u_center_gram(k), torch.stack((_off_diagonal_energy(k), probe))
@@ -522,6 +581,26 @@ def check_sides(accumulator: Accumulator, features_b: object) -> None:
         raise InvalidInputError(
             f"expected features_b for {accumulator.num_layers_b} layers of model B, got None"
         )
+
+
+def gram_from_distances(distances: torch.Tensor, kernel: Kernel, threshold: float) -> torch.Tensor:
+    """Gram matrices ``(..., n, n)`` of the features whose squared distances are ``distances``.
+
+    Linear: ``K = -H D H / 2``, the Gram of the column-centred features. RBF:
+    ``K = exp(-D / (2 sigma^2))`` with ``sigma^2 = threshold^2 median(D)`` over the full matrix
+    (diagonal zeros included, as :func:`hf_cka.functional.gram_rbf`), all ones when ``D = 0``.
+    """
+    d = distances.to(torch.float64)
+    if kernel == "linear":
+        return -0.5 * center_gram(d)
+    if kernel != "rbf":
+        raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
+    check_threshold(threshold)
+    grams = []
+    for layer in d.reshape(-1, *d.shape[-2:]):
+        sigma2 = threshold**2 * _median(layer)  # selected on the device, as gram_rbf does
+        grams.append(torch.where(sigma2 == 0, 1.0, torch.exp(-layer / (2.0 * sigma2))))
+    return torch.stack(grams).reshape(d.shape)
 
 
 def _off_diagonal_energy(k: torch.Tensor) -> torch.Tensor:

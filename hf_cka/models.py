@@ -36,6 +36,7 @@ from .errors import (
 from .layers import TOWERS, find_blocks
 
 ADAPTER_CONFIG = "adapter_config.json"
+FINGERPRINT_FILE = "fingerprint.json"  # marks a per-model store (hf_cka.fingerprint)
 MODEL_CONFIG = "config.json"
 CONFIG_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)  # one of them marks a saved model or adapter
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -546,6 +547,25 @@ class ModelLoader:
             adapter_name=adapter_name,
             base=base,
         )
+
+
+def is_fingerprint(spec: Any, revision: str | None = None, token: str | bool | None = None) -> bool:
+    """Whether ``spec`` names a fingerprint (:mod:`hf_cka.fingerprint`) rather than a model: a
+    local folder holding ``fingerprint.json``, or a Hub dataset repo with that file."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        return False
+    if os.path.isdir(spec):
+        return os.path.isfile(os.path.join(spec, FINGERPRINT_FILE))
+    from huggingface_hub import file_exists
+    from huggingface_hub.errors import HFValidationError
+
+    unreachable: tuple[type[BaseException], ...] = (HFValidationError, OSError, *NETWORK_ERRORS)
+    try:
+        return file_exists(
+            str(spec), FINGERPRINT_FILE, repo_type="dataset", revision=revision, token=token
+        )
+    except unreachable:  # not a repo id, or offline
+        return False
 
 
 def load_model(spec: str, *, revision: str | None = None, **options: Any) -> LoadedModel:

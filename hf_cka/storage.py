@@ -35,6 +35,8 @@ SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 TENSORS_FILE = "tensors.safetensors"
 DRIFT_FILE = "drift.json"
+GRID_FILE = "grid.json"  # hf_cka.grid.GridResult
+GRID_PLOT_FILE = "grid.png"
 DEFAULT_LOCAL_ROOT = Path("cka-results")
 OPTIONAL_TENSORS = ("stderr", "null")
 RUN_ID = re.compile(r"[A-Za-z]\w{0,63}", re.ASCII)
@@ -156,20 +158,22 @@ def json_text(value: Any, what: str) -> str:
 
 
 def holds_result(folder: Path) -> bool:
-    """Whether ``folder`` holds a saved :class:`CKAResult` or :class:`DriftResult`."""
-    return (folder / RESULT_FILE).is_file() or (folder / DRIFT_FILE).is_file()
+    """Whether ``folder`` holds a saved CKAResult, DriftResult or GridResult."""
+    return any((folder / name).is_file() for name in (RESULT_FILE, DRIFT_FILE, GRID_FILE))
 
 
 def _owned_entries(folder: Path) -> set[str]:
     """Names of the entries of ``folder`` written by the result saved there (if any)."""
-    if (folder / DRIFT_FILE).is_file():
+    for index, extras in ((DRIFT_FILE, ()), (GRID_FILE, (GRID_PLOT_FILE,))):
+        if not (folder / index).is_file():
+            continue
         try:
-            doc = json.loads((folder / DRIFT_FILE).read_text(encoding="utf-8"))
+            doc = json.loads((folder / index).read_text(encoding="utf-8"))
             subfolders = doc.get("folders") or doc.get("runs") or []
         except (OSError, ValueError, AttributeError):
             subfolders = []
         safe = {name for name in subfolders if isinstance(name, str) and "/" not in name}
-        return {DRIFT_FILE, *(name for name in safe if name not in {".", ".."})}
+        return {index, *extras, *(name for name in safe if name not in {".", ".."})}
     if (folder / RESULT_FILE).is_file():
         return {RESULT_FILE, TENSORS_FILE}
     return set()

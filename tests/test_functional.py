@@ -228,3 +228,19 @@ def test_bad_rbf_threshold_is_named(threshold):
     with pytest.raises(InvalidInputError, match=rf"threshold={threshold}"):
         functional.gram_rbf(x, threshold)
     assert torch.isfinite(functional.cka(x, y, threshold=float("nan")))  # linear: unused
+
+
+def test_identical_rows_are_exactly_zero_apart() -> None:
+    """The |a|^2 + |b|^2 - 2ab expansion left ~1e-17 between duplicated rows, so the median RBF
+    bandwidth of a layer with repeated samples was rounding noise and its CKA a number, not NaN
+    (issue 13: hypothesis found n=17, d=4, two distinct rows tiled)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 4, generator=gen, dtype=torch.float64) * 3.7 + 11.3
+    x = rows[torch.arange(17) % 2]
+    distances = functional.squared_distances(x)
+    same = (torch.arange(17)[:, None] % 2) == (torch.arange(17)[None, :] % 2)
+    assert torch.all(distances[same] == 0)
+    assert torch.all(distances[~same] > 0)
+    constant = rows[torch.zeros(17, dtype=torch.long)]  # every row the same: median distance 0
+    y = torch.randn(17, 1, generator=gen, dtype=torch.float64)
+    assert torch.isnan(functional.cka(y, constant, kernel="rbf"))
