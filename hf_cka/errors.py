@@ -189,3 +189,11 @@ class ModelFormatError(HfCkaError, ValueError):
 
 class FingerprintMismatchError(HfCkaError, ValueError):
     """Two per-model stores (fingerprints) describe other samples, batches or settings."""
+
+
+# ------------------------------------------------------- extraction shards (issue 15, helper I)
+
+
+class ShardDamagedError(ResultFormatError):
+    """A shard of a (distributed or resumable) extraction does not match the sha256 its manifest
+    records, or its manifest is malformed; the message names the shard."""
