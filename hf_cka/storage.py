@@ -158,11 +158,12 @@ def json_text(value: Any, what: str) -> str:
 
 
 def holds_result(folder: Path) -> bool:
-    """Whether ``folder`` holds a saved CKAResult, DriftResult, GridResult or Fingerprint."""
-    from hf_cka.models import FINGERPRINT_FILE
+    """Whether ``folder`` holds a saved CKAResult, DriftResult, GridResult or Fingerprint (or
+    the shards of an unfinished one)."""
+    from hf_cka.fingerprint import owned_files
 
-    indexes = (RESULT_FILE, DRIFT_FILE, GRID_FILE, FINGERPRINT_FILE)
-    return any((folder / name).is_file() for name in indexes)
+    indexes = (RESULT_FILE, DRIFT_FILE, GRID_FILE)
+    return any((folder / name).is_file() for name in indexes) or bool(owned_files(folder))
 
 
 def _owned_entries(folder: Path) -> set[str]:
