@@ -757,6 +757,7 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _fingerprint(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
+    from .shards import SHARDS_DIR
 
     options, output = _prepare_run(args)
     folder = output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
@@ -768,7 +769,7 @@ def _fingerprint(args: argparse.Namespace) -> int:
         part=args.part,
         shuffle_seed=args.shuffle_seed,
         features=args.features,
-        shards_dir=folder / "shards",  # a killed run resumes from them; save() removes them
+        shards_dir=folder / SHARDS_DIR,  # a killed run resumes from them; save() removes them
         options=options,
         **_loading_options(args),
     )

@@ -341,6 +341,7 @@ def _assemble(
         distributed.wait_for_everyone()
         if shards is not None:  # every shard is written: read them all (digests checked)
             stores = shards.read()
+            distributed.wait_for_everyone()  # all have read before the main one may save
         else:
             for part in distributed.all_gather_objects(computed):
                 stores.update(part)  # type: ignore[call-overload]

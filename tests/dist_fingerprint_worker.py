@@ -4,7 +4,8 @@ Every process extracts the fingerprint of ``SPEC.json``'s model twice: with a sh
 (each process writes its shards there; all read them back) and without one (the batches are
 exchanged in memory). It writes ``OUT/rank{RANK}.json`` with the world size the launcher gave
 and the one ``hf_cka`` saw, the shard files present after the extraction, and both stores'
-distances as ``float.hex`` strings (exact).
+distances as ``float.hex`` strings (exact). The main process saves the first store to ``OUT``
+(which removes ``OUT/shards``).
 
 Usage::
 
@@ -29,6 +30,9 @@ def main(spec_path: str, out: Path) -> None:
     with_shards = AutoCKA.fingerprint(
         spec["model"], spec["texts"], dtype="float64", shards_dir=shards, **options
     )
+    shard_files = sorted(path.name for path in shards.glob("shard-*.json"))
+    distributed.wait_for_everyone()
+    with_shards.save(out)  # the main process saves and removes the shards; the others do nothing
     in_memory = AutoCKA.fingerprint(spec["model"], spec["texts"], dtype="float64", **options)
     rank = int(os.environ["RANK"])
     payload = {
@@ -36,7 +40,7 @@ def main(spec_path: str, out: Path) -> None:
         "launcher_world_size": int(os.environ["WORLD_SIZE"]),
         "hf_cka_rank": distributed.process_index(),
         "hf_cka_world_size": distributed.num_processes(),
-        "shard_files": sorted(path.name for path in shards.glob("shard-*.json")),
+        "shard_files": shard_files,
         "with_shards": [float(v).hex() for v in with_shards.distances.reshape(-1).tolist()],
         "in_memory": [float(v).hex() for v in in_memory.distances.reshape(-1).tolist()],
         "batch_digests": with_shards.batch_digests,

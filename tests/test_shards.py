@@ -73,6 +73,9 @@ def test_two_processes_equal_one(saved, tmp_path: Path) -> None:
             values = torch.tensor([float.fromhex(h) for h in record[key]], dtype=torch.float64)
             assert values.shape == single.distances.reshape(-1).shape
             assert (values - single.distances.reshape(-1)).abs().max() <= 1e-12 * scale
+    saved_store = Fingerprint.load(tmp_path)  # saved by the main process, shards removed
+    assert saved_store.batch_digests == single.batch_digests
+    assert not (tmp_path / SHARDS_DIR).exists()
 
 
 def _kill_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
