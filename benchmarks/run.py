@@ -61,6 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this c
 from hf_cka import AutoCKA, MinibatchCKA  # noqa: E402
 from hf_cka.data import probe_corpus  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import two_phase  # noqa: E402
+
 MAX_LENGTH = 128
 MEMORY_METHODS = ("floor", "hf_cka", "pytorch-cka")
 PEERS = ("pytorch-cka", "ckatorch", "torch-cka")
@@ -118,6 +121,11 @@ FULL = Config(
         "micro",
         "memory",
         "startup",
+        "two-phase",
+        "grid",
+        "grid-combine",
+        "fingerprint-size",
+        "drift-memory",
     ),
 )
 QUICK = Config(
@@ -158,7 +166,9 @@ def prepare_models(workdir: Path, minilm: Path, config: Config) -> dict[str, str
 
     paths = {"a": str(minilm)}
     tokenizer = AutoTokenizer.from_pretrained(minilm)
-    for index in range(1, (config.drift_k if "drift" in config.cases else 1) + 1):
+    needed = {"drift": config.drift_k, "grid": 3, "drift-memory": 3, "grid-combine": 7}
+    copies = max([1, *(n for case, n in needed.items() if case in config.cases)])
+    for index in range(1, copies + 1):
         folder = workdir / f"minilm-ft{index}"
         paths[f"ft{index}"] = str(folder)
         if (folder / "config.json").exists():
@@ -759,6 +769,40 @@ def run_case(
                     UPDATE,
                 )
             )
+    elif case == "two-phase":
+        auto = AutoCKA.from_pretrained(paths["a"], paths["ft1"])
+        model_a = Loaded(auto.model_a.model, auto.model_a.processor)
+        model_b = Loaded(auto.model_b.model, auto.model_b.processor)
+        runners = {
+            "floor": floor_runner([model_a, model_b], texts["varied"], config.batch_size),
+            "hf_cka": hf_cka_runner(auto, texts["varied"], config.batch_size),
+            "hf_cka two-phase": two_phase.two_phase_runner(
+                auto, texts["varied"], config.batch_size
+            ),
+        }
+        title = "two-phase: extract + combine of the pair-varied pair (6-block BERTs, 7x7)"
+        tables.append((case, title, interleaved(runners, config.repeats), "floor", "hf_cka"))
+    elif case == "grid":
+        folders = [paths["a"], paths["ft1"], paths["ft2"], paths["ft3"]]
+        runners = two_phase.grid_runners(folders, texts["varied"], config.batch_size)
+        title = "grid: 4 models (loading included) against the 6 pairwise compares"
+        pairwise = next(name for name in runners if name.endswith("compares"))
+        timings = interleaved(runners, config.repeats)
+        tables.append((case, title, timings, pairwise, pairwise))
+    elif case == "grid-combine":
+        folders = [paths["a"], *(paths[f"ft{i}"] for i in range(1, 8))]
+        share = two_phase.grid_combine_share(folders, config.batch_size)
+        print(f"\n### grid-combine: 8 models on the probe corpus\n\n{json.dumps(share)}")
+        return {"grid-combine": share}
+    elif case == "fingerprint-size":
+        size = two_phase.fingerprint_size(args.workdir, config.batch_size)
+        print(f"\n### fingerprint-size: 12-block 768-wide BERT, probe corpus\n\n{json.dumps(size)}")
+        return {"fingerprint-size": size}
+    elif case == "drift-memory":
+        folders = [paths["a"], paths["ft1"], paths["ft2"], paths["ft3"]]
+        report = two_phase.drift_memory(folders, texts["varied"], config.batch_size, MEMORY_ENV)
+        two_phase.print_drift_memory(report)
+        return {"drift-memory": report}
     elif case == "memory":
         rows = memory_table(args, config)
         print_memory(rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import platform
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -320,6 +321,7 @@ class AutoCKA:
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
+        shards_dir: str | Path | None = None,
         options: RunOptions | None = None,
         **changes: Unpack[RunChanges],
     ) -> Fingerprint:
@@ -334,6 +336,9 @@ class AutoCKA:
         before returning. ``options``/``changes``: the data and extraction fields of
         :class:`~hf_cka.options.RunOptions` (``pooling``, ``batch_size``, ``max_length``,
         ``num_samples`` ...); the other arguments are those of :meth:`from_pretrained`.
+        Under several processes each extracts its share of the batches; with ``shards_dir``
+        each writes its finished batches there as shards and a rerun skips complete ones
+        (:mod:`hf_cka.shards`).
         """
         from dataclasses import replace
 
@@ -344,7 +349,11 @@ class AutoCKA:
         _check_some_layers(layers=layers)
         loading = {"dtype": dtype, "device": device, "device_map": device_map,
                    "trust_remote_code": trust_remote_code}  # fmt: skip
-        extraction = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
+        extraction = replace(
+            extract_options(options, features=features),
+            shuffle_seed=shuffle_seed,
+            shards_dir=shards_dir,
+        )
         source = ModelSource(model, revision, layers, part, loading)
         return fingerprint_model(
             source, data, options.pooling, extraction, token=clean_token(token)

@@ -815,8 +815,10 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _fingerprint(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
+    from .shards import SHARDS_DIR
 
     options, output = _prepare_run(args)
+    folder = output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
     fingerprint = AutoCKA.fingerprint(
         args.model,
         args.dataset,
@@ -825,12 +827,12 @@ def _fingerprint(args: argparse.Namespace) -> int:
         part=args.part,
         shuffle_seed=args.shuffle_seed,
         features=args.features,
+        shards_dir=folder / SHARDS_DIR,  # a killed run resumes from them; save() removes them
         options=options,
         **_loading_options(args),
     )
     if not distributed.is_main_process():
         return 0
-    folder = output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
     fingerprint.save(folder)
     rows = [
         ("model", _model_line(fingerprint.name, fingerprint.model.get("revision"),

@@ -26,16 +26,11 @@ from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader, is_fingerprint, parse_model_spec
 from .options import RunChanges, RunOptions
 from .pooling import Pooling
+from .statistics import null_order
 from .streaming import new_accumulator
 
 # compare() options that only the single-stream path has
 _STREAM_ONLY = ("callback", "target_stderr", "checkpoint_dir")
-
-
-def null_order(seed: int, batch_index: int, draw: int, n: int) -> torch.Tensor:
-    """The permutation of draw ``draw`` for CKA batch ``batch_index`` (as the streamed run)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + draw)
-    return torch.randperm(n, generator=generator)
 
 
 def extract_options(options: RunOptions, *, features: bool = False) -> ExtractOptions:

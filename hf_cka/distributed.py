@@ -104,3 +104,14 @@ def wait_for_everyone() -> None:
     """Barrier across processes (no-op for a single process)."""
     if num_processes() > 1:
         _state().wait_for_everyone()
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """``value`` of every process, in rank order (``[value]`` for a single process); pickled
+    in memory between the processes of this run only, never read from files."""
+    if num_processes() == 1:
+        return [value]
+    _state()
+    gathered: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

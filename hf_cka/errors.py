@@ -197,3 +197,11 @@ class FingerprintMismatchError(HfCkaError, ValueError):
 class ColumnTypeError(HfCkaError, TypeError):
     """A data column holds values the model reading it cannot take (images into a text model,
     texts into a vision model); the message names the column and the model's input."""
+
+
+# ------------------------------------------------------- extraction shards (issue 15, helper I)
+
+
+class ShardDamagedError(ResultFormatError):
+    """A shard of a (distributed or resumable) extraction does not match the sha256 its manifest
+    records, or its manifest is malformed; the message names the shard."""

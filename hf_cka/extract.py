@@ -15,13 +15,14 @@ import contextlib
 import gc
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import distributed
 from .capture import Extractor
 from .checkpoint import batch_digest
 from .data import batch_samples, load_samples, probe_corpus
@@ -32,11 +33,20 @@ from .layers import LayerSpec, Part, resolve_layers
 from .models import LoadedModel, ModelLoader
 from .options import DEFAULTS
 from .pooling import check_pooling
+from .shards import BatchStore, ShardFolder, run_key
+
+DEFAULT_BUFFER_BYTES = 1 << 30  # pooled features held at once for sorting by length: 1 GiB
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """What shapes an extraction besides the model (see :meth:`hf_cka.AutoCKA.fingerprint`)."""
+    """What shapes an extraction besides the model (see :meth:`hf_cka.AutoCKA.fingerprint`).
+
+    ``buffer_bytes`` bounds the pooled features held at once for sorting by length (one window
+    of CKA batches after the first, which holds ``chunk_batches``; see :func:`extract`);
+    ``shards_dir`` is where each process writes its shards
+    (:mod:`hf_cka.shards`), so a killed extraction resumes from them.
+    """
 
     batch_size: int = DEFAULTS.batch_size
     max_length: int | None = DEFAULTS.max_length
@@ -46,13 +56,20 @@ class ExtractOptions:
     split: str | None = None
     shuffle_seed: int | None = None
     sort_by_length: bool = True
-    chunk_batches: int = 8
+    chunk_batches: int = DEFAULTS.chunk_batches
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
     features: bool = False
     progress: bool = True
+    shards_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_batches < 1:
             raise InvalidInputError(f"expected chunk_batches >= 1, got {self.chunk_batches}")
+        if self.buffer_bytes < 1:
+            raise InvalidInputError(
+                f"expected buffer_bytes >= 1 (bytes of pooled features held for length "
+                f"sorting), got {self.buffer_bytes}"
+            )
 
 
 @dataclass
@@ -129,15 +146,24 @@ def batch_distances(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(triangles).cpu()
 
 
-def _chunks(batches: Iterable[list[Any]], size: int) -> Iterator[list[list[Any]]]:
-    chunk: list[list[Any]] = []
-    for batch in batches:
-        chunk.append(batch)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _windows(
+    batches: Iterable[tuple[int, list[Any]]], capacity: Callable[[], int | None], first: int
+) -> Iterator[list[tuple[int, list[Any]]]]:
+    """Consecutive ``(index, batch)`` pairs grouped while their samples number at most
+    ``capacity()`` (asked before each batch is added; a window holds at least one batch), or,
+    while ``capacity()`` is ``None``, ``first`` batches."""
+    window: list[tuple[int, list[Any]]] = []
+    held = 0
+    for item in batches:
+        limit = capacity()
+        full = len(window) >= first if limit is None else held + len(item[1]) > limit
+        if window and full:
+            yield window
+            window, held = [], 0
+        window.append(item)
+        held += len(item[1])
+    if window:
+        yield window
 
 
 def data_provenance(data: Any, info: dict[str, Any], token: str | bool | None) -> dict[str, Any]:
@@ -178,12 +204,26 @@ def extract(
 ) -> Fingerprint:
     """Run ``loaded`` over ``data`` and return its fingerprint (see the module docstring).
 
-    Forward passes run over length-sorted sub-batches of ``options.chunk_batches`` CKA batches
-    (the stored values do not depend on it). With ``reference`` the batches must be those of
-    the reference fingerprint (checked before each batch's forward pass).
+    The pooled features of a window of consecutive CKA batches are held before each batch's
+    distances are formed, so the forward passes run over the whole window sorted by length
+    (longest first, ``batch_size`` samples each; ``sort_by_length=False``: batch by batch). A
+    window holds as many batches as fit in ``options.buffer_bytes`` of pooled features; the
+    first holds ``options.chunk_batches`` (as a streamed run's chunk) and measures the bytes
+    per sample. Windows never change the CKA batches: the stored values equal an unsorted
+    extraction's to float rounding (padded positions are masked; only the grouping of the
+    forward passes differs): within 1e-12 of the largest distance for a float64 model, 1e-7
+    for a float32 one (``tests/test_extract_windows.py``).
+
+    Under several processes (``accelerate launch``, ``torchrun``) process ``r`` of ``W``
+    extracts global batches ``r, r + W, ...``; each finished window is written as a shard to
+    ``options.shards_dir`` (when given; else the batches are exchanged in memory) and the
+    store is assembled only when every batch is there. A rerun with the same ``shards_dir``
+    skips the batches of complete shards. With ``reference`` the batches must be those of the
+    reference fingerprint (checked before each batch's forward pass).
 
     Raises:
-        FingerprintMismatchError: a batch differs from the reference's.
+        FingerprintMismatchError: a batch differs from the reference's or from a shard's.
+        ShardDamagedError: a shard's tensors do not have the sha256 of its manifest.
         InvalidInputError: ``pooling="tokens"`` (its samples depend on the tokenizer).
     """
     if pooling == "tokens":
@@ -203,51 +243,128 @@ def extract(
         split=options.split,
     )
     plan = BatchPlan(samples, options.batch_size, options.shuffle_seed, reference)
-    triangles: list[torch.Tensor] = []
-    rows: dict[str, list[torch.Tensor]] = {spec: [] for spec in layers}
+    settings = {
+        "pooling": pooling,
+        "max_length": options.max_length,
+        "batch_size": options.batch_size,
+        "shuffle_seed": options.shuffle_seed,
+        "sort_by_length": options.sort_by_length,
+    }
+    model = {
+        **{k.removesuffix("_x"): v for k, v in loaded.provenance("x").items()},
+        "dtype": loaded.dtype,
+        "modality": loaded.modality,
+    }
+    key = run_key({**settings, "model": model, "layers": list(layers), "f": options.features})
+    shards = None if options.shards_dir is None else ShardFolder(options.shards_dir, key)
+    done = shards.read() if shards is not None else {}
+    rank, world = distributed.process_index(), distributed.num_processes()
+    todo = ((i, b) for i, b in enumerate(plan) if i % world == rank and i not in done)
+    computed: dict[int, BatchStore] = {}
+    per_sample = 0  # bytes of one sample's pooled features, measured on the first window
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=len(reference.batch_sizes) if reference is not None else None,
-        disable=not options.progress,
+        disable=not options.progress or not distributed.is_main_process(),
         desc=f"extract {loaded.name}",
         unit="batch",
     )
+
+    def capacity() -> int | None:
+        """Samples a window may hold; ``None`` (count batches) before a sample is measured."""
+        return options.buffer_bytes // per_sample if per_sample else None
+
     with Extractor(loaded, layers, pooling) as extractor, bar:
-        for chunk in _chunks(plan, options.chunk_batches):
-            encodings = extractor.encode([s for batch in chunk for s in batch], options.max_length)
-            sizes = [len(batch) for batch in chunk]
-            per_batch = extractor.chunk_features(
-                encodings, sizes, options.batch_size, options.sort_by_length
-            )
-            for feats in per_batch:
-                triangles.append(batch_distances([feats[spec] for spec in layers]))
-                if options.features:
-                    for spec in layers:
-                        rows[spec].append(feats[spec].cpu())
-                bar.update(1)
+        for window in _windows(todo, capacity, options.chunk_batches):
+            stores, per_sample = _extract_window(extractor, window, layers, plan, options)
+            computed.update(stores)
+            if shards is not None:
+                shards.write(rank, stores)
+            bar.update(len(window))
+    stores = _assemble(plan, done, computed, shards, world)
     return Fingerprint(
         layers=list(layers),
-        distances=torch.cat(triangles, dim=1),
+        distances=torch.cat([stores[i].distances for i in range(len(plan.sizes))], dim=1),
         batch_sizes=plan.sizes,
         batch_digests=plan.digests,
         samples_digest=plan.samples_digest,
-        settings={
-            "pooling": pooling,
-            "max_length": options.max_length,
-            "batch_size": options.batch_size,
-            "shuffle_seed": options.shuffle_seed,
-            "sort_by_length": options.sort_by_length,
-        },
+        settings=settings,
         data=data_provenance(data, info, token),
-        model={
-            **{k.removesuffix("_x"): v for k, v in loaded.provenance("x").items()},
-            "dtype": loaded.dtype,
-            "modality": loaded.modality,
-        },
-        features={k: torch.cat(v) for k, v in rows.items()} if options.features else None,
+        model=model,
+        features=_joined_features(layers, stores) if options.features else None,
         metadata={"wall_time_s": time.perf_counter() - started, "versions": _versions()},
     )
+
+
+def _extract_window(
+    extractor: Extractor,
+    window: list[tuple[int, list[Any]]],
+    layers: Sequence[str],
+    plan: BatchPlan,
+    options: ExtractOptions,
+) -> tuple[dict[int, BatchStore], int]:
+    """Forward passes over one window (sorted by length): each batch's stored values, and the
+    bytes of one sample's pooled features over all layers."""
+    batches = [batch for _, batch in window]
+    encodings = extractor.encode([s for batch in batches for s in batch], options.max_length)
+    per_batch = extractor.chunk_features(
+        encodings, [len(b) for b in batches], options.batch_size, options.sort_by_length
+    )
+    per_sample = sum(rows[0].numel() * rows.element_size() for rows in per_batch[0].values())
+    stores = {
+        index: BatchStore(
+            plan.digests[index],
+            batch_distances([feats[spec] for spec in layers]),
+            [feats[spec].cpu() for spec in layers] if options.features else None,
+        )
+        for (index, _), feats in zip(window, per_batch, strict=True)
+    }
+    return stores, max(1, per_sample)
+
+
+def _assemble(
+    plan: BatchPlan,
+    done: dict[int, BatchStore],
+    computed: dict[int, BatchStore],
+    shards: ShardFolder | None,
+    world: int,
+) -> dict[int, BatchStore]:
+    """Every CKA batch's stored values: resumed, computed here, or by the other processes.
+
+    Raises:
+        FingerprintMismatchError: a resumed shard holds other samples than the data's batch.
+        ShapeMismatchError: a batch is missing (a process did not finish).
+    """
+    stores = {**done, **computed}
+    if world > 1:
+        distributed.wait_for_everyone()
+        if shards is not None:  # every shard is written: read them all (digests checked)
+            stores = shards.read()
+            distributed.wait_for_everyone()  # all have read before the main one may save
+        else:
+            for part in distributed.all_gather_objects(computed):
+                stores.update(part)  # type: ignore[call-overload]
+    for index, digest in enumerate(plan.digests):
+        if index not in stores:
+            raise ShapeMismatchError(
+                f"CKA batch {index} of {len(plan.digests)} was extracted by no process; the "
+                "store is incomplete -- rerun with the same shards folder to finish it"
+            )
+        if stores[index].digest != digest:
+            raise FingerprintMismatchError(
+                f"the shard of CKA batch {index} holds other samples than this data's batch "
+                f"{index}; pass the data it was made from, or use a new shards folder"
+            )
+    return stores
+
+
+def _joined_features(
+    layers: Sequence[str], stores: dict[int, BatchStore]
+) -> dict[str, torch.Tensor]:
+    """Each layer's pooled features of all samples, in data order."""
+    ordered = [stores[i].features or [] for i in range(len(stores))]
+    return {spec: torch.cat([f[j] for f in ordered]) for j, spec in enumerate(layers)}
 
 
 def _versions() -> dict[str, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from safetensors.torch import load, save
 from . import distributed
 from .errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from .models import FINGERPRINT_FILE
+from .shards import SHARDS_DIR
 from .tokens import clean_token
 
 SCHEMA_NAME = "hf_cka.Fingerprint"
@@ -219,7 +221,8 @@ class Fingerprint:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the fingerprint to ``directory`` (created; files are replaced) and return it."""
+        """Write the fingerprint to ``directory`` (created; files are replaced; the extraction
+        shards in its ``shards/`` are removed) and return it."""
         folder = Path(directory)
         if not distributed.is_main_process():
             return folder
@@ -231,6 +234,7 @@ class Fingerprint:
             tmp = folder / f".{name}.tmp"
             tmp.write_bytes(files[name])
             tmp.replace(folder / name)
+        shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)  # the saved store supersedes them
         return folder
 
     @classmethod
@@ -352,6 +356,13 @@ class Fingerprint:
         )
         fingerprint.metadata["source"] = repo_id
         return fingerprint
+
+
+def owned_files(folder: Path) -> set[str]:
+    """Names of the entries of ``folder`` that a fingerprint (and its shards) wrote, if any."""
+    if not (folder / FINGERPRINT_FILE).is_file() and not (folder / SHARDS_DIR).is_dir():
+        return set()
+    return {FINGERPRINT_FILE, TENSORS_FILE, CARD_FILE, SHARDS_DIR}
 
 
 def load_fingerprint(

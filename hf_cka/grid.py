@@ -242,6 +242,10 @@ class GridResult(Stored):
     def _runs(self) -> list[CKAResult]:
         return [self.results[key] for key in sorted(self.results)]
 
+    def _hub_extras(self) -> dict[str, bytes]:
+        """The clustered heatmap, pushed in the grid's commit as ``plots/<grid_id>.png``."""
+        return {f"plots/{self._id}.png": self._png()}
+
     @classmethod
     def from_hub(
         cls,

@@ -346,8 +346,10 @@ def push_runs(
     commit_message: str,
     max_attempts: int,
     backoff_s: float,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> CommitInfo:
-    """Add ``runs`` to the Hub dataset ``repo_id`` in one commit, with the card and the index.
+    """Add ``runs`` to the Hub dataset ``repo_id`` in one commit, with the card and the index
+    (and ``extra_files``, by repo path, such as a grid's clustered heatmap).
 
     The commit names the revision it was built on as its parent, so a concurrent push makes it
     fail with a conflict; it is then rebuilt on the new head. Conflicts, HTTP 408/429/5xx and
@@ -368,6 +370,7 @@ def push_runs(
             pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
         )
         files[f"plots/{run.run_id}.png"] = run.png
+    files.update(extra_files or {})
     api = HfApi()
     attempt = 0
     while True:

@@ -31,7 +31,7 @@ from .measures import estimate_bytes, mutual_knn
 from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
 from .options import RunOptions
-from .statistics import stderr_target_reached
+from .statistics import null_order, stderr_target_reached
 from .streaming import new_accumulator
 
 
@@ -411,8 +411,7 @@ def _update(
         feats_a, None if item.metric.self_similarity else feats_b, batch_index=batch_index
     )
     for draw, null in enumerate(item.nulls):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + draw)
-        order = torch.randperm(feats_b[0].shape[0], generator=generator).to(feats_b[0].device)
+        order = null_order(seed, batch_index, draw, feats_b[0].shape[0]).to(feats_b[0].device)
         null.update(feats_a, [f[order] for f in feats_b], batch_index=batch_index)
 
 

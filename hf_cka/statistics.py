@@ -20,6 +20,17 @@ from .streaming import Estimator, new_accumulator
 Features = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
+def null_order(seed: int, batch_index: int, draw: int, n: int) -> torch.Tensor:
+    """The sample order of permutation-null draw ``draw`` for global CKA batch ``batch_index``.
+
+    Drawn by ``torch.randperm(n)`` from a generator seeded with
+    ``seed * 1_000_003 + batch_index * 7919 + draw``, so a streamed run, a distributed one and
+    a combination of stored fingerprints shuffle every batch the same way.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + draw)
+    return torch.randperm(n, generator=generator)
+
+
 def permutation_null(
     features_a: Features,
     features_b: Features | None = None,

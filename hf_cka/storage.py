@@ -158,8 +158,12 @@ def json_text(value: Any, what: str) -> str:
 
 
 def holds_result(folder: Path) -> bool:
-    """Whether ``folder`` holds a saved CKAResult, DriftResult or GridResult."""
-    return any((folder / name).is_file() for name in (RESULT_FILE, DRIFT_FILE, GRID_FILE))
+    """Whether ``folder`` holds a saved CKAResult, DriftResult, GridResult or Fingerprint (or
+    the shards of an unfinished one)."""
+    from hf_cka.fingerprint import owned_files
+
+    indexes = (RESULT_FILE, DRIFT_FILE, GRID_FILE)
+    return any((folder / name).is_file() for name in indexes) or bool(owned_files(folder))
 
 
 def _owned_entries(folder: Path) -> set[str]:
@@ -176,7 +180,9 @@ def _owned_entries(folder: Path) -> set[str]:
         return {index, *extras, *(name for name in safe if name not in {".", ".."})}
     if (folder / RESULT_FILE).is_file():
         return {RESULT_FILE, TENSORS_FILE}
-    return set()
+    from hf_cka.fingerprint import owned_files
+
+    return owned_files(folder)
 
 
 @contextmanager

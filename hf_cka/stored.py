@@ -141,7 +141,12 @@ class Stored:
             or f"Add CKA {self._KIND} {self._id} ({len(runs)} run(s))",
             max_attempts=max_attempts,
             backoff_s=backoff_s,
+            extra_files=self._hub_extras(),
         )
+
+    def _hub_extras(self) -> dict[str, bytes]:
+        """Files pushed with the runs besides theirs, by repo path (none by default)."""
+        return {}
 
     def _local_copy(self, local_dir: str | Path | None) -> Path:
         """``local_dir`` as it is when it already holds this very result, else a fresh save."""

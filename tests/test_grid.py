@@ -124,6 +124,9 @@ def test_grid_is_one_hub_dataset(hub, grid: GridResult, tmp_path: Path) -> None:
     repo = hub.repo(repo_id, "dataset")
     history = repo.history(repo.commits[repo.branches["main"]])
     assert len(history) == 2  # the repo's initial commit and ONE commit with every pair
+    head = repo.commits[repo.branches["main"]]
+    png = head.files[f"plots/{grid.grid_id}.png"]  # the clustered heatmap, in that commit
+    assert png.last_commit == head.oid and png.blob.data.startswith(PNG_MAGIC)
     back = GridResult.from_hub(repo_id)
     assert back.models == grid.models and back.grid_id == grid.grid_id
     torch.testing.assert_close(back.summary, grid.summary, atol=0, rtol=0)
@@ -192,6 +195,9 @@ def test_cli_fingerprint_and_grid(three: list[str], tmp_path: Path, hub, capsys)
     )
     out = capsys.readouterr().out
     assert code == 0 and "pushed to" in out and "24 in 3 batches" in out
+    assert Fingerprint.load(tmp_path / "fp").n_samples == 24
+    capsys.readouterr()  # a folder holding a fingerprint is replaced, not refused
+    assert main(["fingerprint", three[2], "-o", str(tmp_path / "fp"), *fast]) == 0
     assert Fingerprint.load(tmp_path / "fp").n_samples == 24
     assert (
         Fingerprint.from_hub(repo_id).batch_digests
