@@ -30,6 +30,7 @@ from .metric import MinibatchCKA
 from .models import LoadedModel, ModelLoader
 from .options import DEFAULTS, MIN_MAX_LENGTH, RunChanges, RunOptions, check_int
 from .pooling import Pooling, check_pooling
+from .provenance import DataProvenance, Provenance
 from .runner import Accumulated, Comparison, Extractor, check_max_length, run_comparisons
 from .tokens import clean_token
 
@@ -41,10 +42,6 @@ ESTIMATOR_LABELS = {
     "linear": "exact-linear-cka",  # Kornblith et al. 2019, biased HSIC, streamed
     "debiased": "exact-debiased-linear-cka",  # U-centred HSIC (Song et al. 2012), streamed
 }
-DRIFT_METADATA = (
-    "pooling", "estimator", "dataset", "dataset_config", "split", "n_samples", "n_batches",
-    "batch_size", "max_length", "num_processes", "versions", "wall_time_s",
-)  # fmt: skip
 
 
 class AutoCKA:
@@ -258,7 +255,7 @@ class AutoCKA:
             base=base_model.name,
             checkpoints=[c.model_b.name for c in comparisons],
             results=results,
-            metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
+            metadata=Provenance.from_dict(results[0].metadata).drift_dict(),
         )
 
     def extract_features(
@@ -352,19 +349,27 @@ def _compare_all(
     results = []
     for comparison, accumulated in zip(comparisons, outcome.accumulated, strict=True):
         metric = accumulated.metric
-        metadata = {
-            **comparison.model_a.provenance("a"),
-            **comparison.model_b.provenance("b"),
-            "dtype": _dtype_label(comparison),
-            "pooling": options.pooling,
-            "estimator": ESTIMATOR_LABELS[options.estimator],
-            **{k: v for k, v in outcome.data_info.items() if k != "size"},
-            "n_samples": metric.n_samples,
-            "n_batches": metric.n_batches,
-            "num_processes": distributed.num_processes(),
-            **outcome.run_info,
-            "versions": versions,
-        }
+        provenance = Provenance(
+            model_a=comparison.model_a.provenance(),
+            model_b=comparison.model_b.provenance(),
+            dtype=_dtype_label(comparison),
+            pooling=options.pooling,
+            estimator=ESTIMATOR_LABELS[options.estimator],
+            data=DataProvenance.from_dict(outcome.data_info),
+            n_samples=metric.n_samples,
+            n_batches=metric.n_batches,
+            num_processes=distributed.num_processes(),
+            batch_size=options.batch_size,
+            max_length=options.max_length,
+            kernel=options.kernel,
+            threshold=options.threshold if options.kernel == "rbf" else None,
+            sort_by_length=options.sort_by_length,
+            null_permutations=options.null_permutations,
+            target_stderr=options.target_stderr,
+            stopped_early=outcome.stopped_early,
+            wall_time_s=outcome.wall_time_s,
+            versions=versions,
+        )
         results.append(
             CKAResult(
                 matrix=metric.compute(),
@@ -372,7 +377,7 @@ def _compare_all(
                 layers_b=list(comparison.layers_b),
                 model_a=comparison.model_a.name,
                 model_b=comparison.model_b.name,
-                metadata=metadata,
+                metadata=provenance.to_dict(),
                 stderr=_stderr(accumulated),
                 null=accumulated.null_matrix(),
             )

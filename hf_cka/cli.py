@@ -37,6 +37,7 @@ from .functional import Kernel
 from .layers import Part
 from .options import DEFAULTS, RunOptions
 from .pooling import Pooling
+from .provenance import ModelProvenance, Provenance
 from .streaming import Estimator
 from .tokens import clean_token, scrub
 
@@ -807,25 +808,27 @@ def _write_somewhere(result: Any, plot_file: str, folders: list[Path], result_id
 # --------------------------------------------------------------------------- summaries
 
 
-def _model_line(name: str, revision: str | None, sha: str | None) -> str:
-    line = name + (f"@{revision}" if revision else "")
-    return line + (f" (commit {sha[:12]})" if sha and sha != revision else "")
+def _model_line(name: str, model: ModelProvenance) -> str:
+    line = name + (f"@{model.revision}" if model.revision else "")
+    sha = model.commit_sha
+    return line + (f" (commit {sha[:12]})" if sha and sha != model.revision else "")
 
 
-def _samples_line(metadata: dict[str, Any]) -> str:
-    source = metadata.get("dataset") or "?"
-    for key in ("dataset_config", "split"):
-        if metadata.get(key):
-            source += f" [{metadata[key]}]"
+def _samples_line(provenance: Provenance) -> str:
+    data = provenance.data
+    source = data.dataset or "?"
+    for part in (data.dataset_config, data.split):
+        if part:
+            source += f" [{part}]"
     return (
-        f"{metadata.get('n_samples')} in {metadata.get('n_batches')} batches of"
-        f" {metadata.get('batch_size')} from {source}"
+        f"{provenance.n_samples} in {provenance.n_batches} batches of"
+        f" {provenance.batch_size} from {source}"
     )
 
 
-def _processes_line(metadata: dict[str, Any]) -> str:
+def _processes_line(provenance: Provenance) -> str:
     """How many processes shared the batches (1 unless launched with several)."""
-    count = metadata.get("num_processes")
+    count = provenance.num_processes
     return f"{count} (batches shared round-robin)" if count != 1 else "1"
 
 
@@ -844,17 +847,17 @@ def _numbers(values: Sequence[float]) -> str:
 def _compare_summary(result: Any, folder: Path, url: str | None) -> str:
     import torch
 
-    meta = result.metadata
-    settings = f"pooling={meta.get('pooling')}, kernel={meta.get('kernel')}"
+    provenance = Provenance.from_dict(result.metadata)
+    settings = f"pooling={provenance.pooling}, kernel={provenance.kernel}"
     rows = [
-        ("model A", _model_line(result.model_a, meta.get("revision_a"), meta.get("commit_sha_a"))),
-        ("model B", _model_line(result.model_b, meta.get("revision_b"), meta.get("commit_sha_b"))),
+        ("model A", _model_line(result.model_a, provenance.model_a)),
+        ("model B", _model_line(result.model_b, provenance.model_b)),
         (
             "layers",
-            f"{result.shape[0]} x {result.shape[1]} ({settings}, dtype={meta.get('dtype')})",
+            f"{result.shape[0]} x {result.shape[1]} ({settings}, dtype={provenance.dtype})",
         ),
-        ("samples", _samples_line(meta)),
-        ("processes", _processes_line(meta)),
+        ("samples", _samples_line(provenance)),
+        ("processes", _processes_line(provenance)),
     ]
     if result.shape[0] == result.shape[1]:
         rows.append(("diagonal", _numbers(result.matrix.diagonal().tolist())))
@@ -874,8 +877,9 @@ def _compare_summary(result: Any, folder: Path, url: str | None) -> str:
 def _drift_summary(drift: Any, folder: Path, url: str | None) -> str:
     rows = [("base", drift.base)]
     rows += [(f"checkpoint [{i}]", name) for i, name in enumerate(drift.checkpoints, start=1)]
-    rows.append(("samples", _samples_line(drift.results[0].metadata)))
-    rows.append(("processes", _processes_line(drift.results[0].metadata)))
+    provenance = Provenance.from_dict(drift.results[0].metadata)
+    rows.append(("samples", _samples_line(provenance)))
+    rows.append(("processes", _processes_line(provenance)))
     width = max(len(layer) for layer in ["layer", *drift.layers])
     columns = "".join(f"{f'[{i}]':>7}" for i in range(1, len(drift.checkpoints) + 1))
     table = [f"{'layer':<{width}}{columns}"]

@@ -32,6 +32,7 @@ from .errors import (
     WeightsFileError,
     suggest_paths,
 )
+from .provenance import ModelProvenance
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -88,18 +89,16 @@ class LoadedModel:
             return self.peft.disable_adapter()
         return contextlib.nullcontext()
 
-    def provenance(self, suffix: str) -> dict[str, Any]:
-        """Metadata entries (``model_a``, ``revision_a``, ``commit_sha_a`` ... for ``"a"``)."""
-        info = {
-            f"model_{suffix}": self.name,
-            f"revision_{suffix}": self.revision,
-            f"commit_sha_{suffix}": self.commit_sha,
-        }
-        if self.base is not None:
-            info[f"adapter_{suffix}"] = self.name
-            info[f"base_model_{suffix}"] = self.base.name
-            info[f"base_commit_sha_{suffix}"] = self.base.commit_sha
-        return info
+    def provenance(self) -> ModelProvenance:
+        """Which weights this side ran: name, revision and commit (and base, for an adapter)."""
+        base = self.base
+        return ModelProvenance(
+            name=self.name,
+            revision=self.revision,
+            commit_sha=self.commit_sha,
+            base_model=None if base is None else base.name,
+            base_commit_sha=None if base is None else base.commit_sha,
+        )
 
 
 def parse_model_spec(spec: str, revision: str | None = None) -> tuple[str, str | None]:

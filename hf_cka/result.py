@@ -28,6 +28,7 @@ import torch
 from hf_cka import storage
 from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from hf_cka.hub import HubRun, HubRuns
+from hf_cka.provenance import Provenance
 from hf_cka.storage import (
     DEFAULT_LOCAL_ROOT,
     DRIFT_FILE,
@@ -147,10 +148,8 @@ class CKAResult(Stored):
     @property
     def is_self_comparison(self) -> bool:
         """Whether both sides are the same model, revision and layers (a symmetric matrix)."""
-        same_revision = all(
-            self.metadata.get(f"{key}_a") == self.metadata.get(f"{key}_b")
-            for key in ("revision", "commit_sha")
-        )
+        provenance = Provenance.from_dict(self.metadata)
+        same_revision = provenance.model_a.same_weights(provenance.model_b)
         return self.model_a == self.model_b and self.layers_a == self.layers_b and same_revision
 
     # ----------------------------------------------------------------------- files

@@ -84,7 +84,8 @@ class Accumulated:
 class RunOutcome:
     accumulated: list[Accumulated]
     data_info: dict[str, Any]
-    run_info: dict[str, Any]
+    stopped_early: bool  # the target standard error was reached before the data ran out
+    wall_time_s: float
 
 
 def _chunks(
@@ -257,18 +258,7 @@ def run_comparisons(
     checkpoint.verify()  # also when the checkpoint had already covered every batch
     for accumulator in all_accumulators:
         accumulator.sync(distributed.all_reduce_sum)
-    run_info = {
-        "batch_size": options.batch_size,
-        "max_length": options.max_length,
-        "kernel": options.kernel,
-        "threshold": options.threshold if options.kernel == "rbf" else None,
-        "sort_by_length": options.sort_by_length,
-        "null_permutations": options.null_permutations,
-        "target_stderr": options.target_stderr,
-        "stopped_early": stopped_early,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    return RunOutcome(accumulated, data_info, run_info)
+    return RunOutcome(accumulated, data_info, stopped_early, time.perf_counter() - started)
 
 
 def check_max_length(models: Iterable[LoadedModel], max_length: int | None) -> None:
