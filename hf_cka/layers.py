@@ -110,7 +110,8 @@ def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
         children = [name for name, _ in model.named_children()]
         raise LayerNotFoundError(
             f"found no list of transformer blocks in {label}; pass layer names "
-            f"explicitly (top-level modules: {children})"
+            f"explicitly (top-level modules: {children})",
+            available=children,
         )
     # longest list; among equals the outermost (shortest path), then the first registered
     return max(candidates, key=lambda item: (item[1], -item[0].count(".")))[0]
@@ -175,7 +176,9 @@ def resolve_layers(
                 raise LayerNotFoundError(
                     f"layer index {spec} is out of range for {label}: it has {len(defaults)} "
                     f"default layers (embedding output + blocks), so use -{len(defaults)} to "
-                    f"{len(defaults) - 1}"
+                    f"{len(defaults) - 1}",
+                    layer=spec,
+                    available=defaults,
                 )
             resolved.append(defaults[spec])
             continue
@@ -185,7 +188,11 @@ def resolve_layers(
             )
         path, _ = split_spec(spec)
         if path not in modules or path == "":
-            raise LayerNotFoundError(_unknown_layer_message(path, modules, label, part))
+            raise LayerNotFoundError(
+                _unknown_layer_message(path, modules, label, part),
+                layer=spec,
+                available=[name for name in modules if name],
+            )
         resolved.append(spec)
     if len(set(resolved)) != len(resolved):
         raise InvalidInputError(f"layers must be distinct, got {resolved}")

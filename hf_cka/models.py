@@ -254,7 +254,9 @@ def resolve_commit(
     if os.path.exists(name):
         raise ModelNotFoundError(
             f"'{name}' is a file; expected a model folder (holding config.json and the weights) "
-            "or a Hub repo id: pass the folder that holds it"
+            "or a Hub repo id: pass the folder that holds it",
+            model_id=name,
+            revision=revision,
         )
     missing = f"no local folder '{name}' (looked for {os.path.abspath(name)})"
     try:
@@ -262,29 +264,39 @@ def resolve_commit(
     except HFValidationError as err:  # a path, not an id: never ask the Hub about it
         raise ModelNotFoundError(
             f"{missing}, and '{name}' is not a Hub repo id either; check the path."
-            f"{suggest_paths(name, folders_only=True)}"
+            f"{suggest_paths(name, folders_only=True)}",
+            model_id=name,
+            revision=revision,
         ) from err
     try:
         info = HfApi().model_info(name, revision=revision, token=token)
     except RevisionNotFoundError as err:
         raise ModelNotFoundError(
             f"revision {revision!r} not found in model repo '{name}'; pass an existing branch, "
-            "tag or commit sha"
+            "tag or commit sha",
+            model_id=name,
+            revision=revision,
         ) from err
     except GatedRepoError as err:
         raise ModelNotFoundError(
             f"model repo '{name}' is gated: accept its conditions on its Hub page, then pass "
-            "token=... (--token) of the account that accepted them"
+            "token=... (--token) of the account that accepted them",
+            model_id=name,
+            revision=revision,
         ) from err
     except (RepositoryNotFoundError, HfHubHTTPError) as err:
         if isinstance(err, RepositoryNotFoundError) or _status(err) == 404:
             raise ModelNotFoundError(
                 f"{missing} and no model repo '{name}' on the Hub (or it is private: pass "
-                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
+                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}",
+                model_id=name,
+                revision=revision,
             ) from err
         raise ModelNotFoundError(
             f"the Hub answered HTTP {_status(err)} when looking up model repo '{name}' "
-            f"({_first_line(err)}); check token=... for a private repo, or retry later"
+            f"({_first_line(err)}); check token=... for a private repo, or retry later",
+            model_id=name,
+            revision=revision,
         ) from err
     except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
         cached = [try_to_load_from_cache(name, f, revision=revision) for f in CONFIG_FILES]
@@ -293,7 +305,9 @@ def resolve_commit(
             raise ModelNotFoundError(
                 f"{missing}, and the Hub could not be reached ({type(err).__name__}) to look for "
                 f"a model repo '{name}', which is not in the local cache either; check the path, "
-                f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}"
+                f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}",
+                model_id=name,
+                revision=revision,
             ) from err
         commit = os.path.basename(snapshot)  # the cache names each snapshot by its commit sha
         warnings.warn(
@@ -319,7 +333,8 @@ def check_model_files(name: str, files: set[str], local: bool) -> None:
     if not top & set(CONFIG_FILES):
         raise ModelNotFoundError(
             f"the {where} '{name}' holds no {MODEL_CONFIG}, so it is not a saved model; expected "
-            "a folder written by model.save_pretrained(folder) (or a model repo id)"
+            "a folder written by model.save_pretrained(folder) (or a model repo id)",
+            model_id=name,
         )
     safetensors = sorted(f for f in top if f.endswith(".safetensors"))
     pickles = sorted(f for f in top if PICKLE_WEIGHTS.fullmatch(f))
@@ -435,11 +450,15 @@ class ModelLoader:
             if os.path.isdir(name):
                 raise ModelNotFoundError(
                     f"could not load the model folder '{name}' ({_first_line(err)}); check its "
-                    "config.json and weights, or save the model again"
+                    "config.json and weights, or save the model again",
+                    model_id=name,
+                    revision=revision,
                 ) from err
             raise ModelNotFoundError(
                 f"could not load model '{name}' ({err}); check the id, your network or "
-                "HF_HUB_OFFLINE, and that the model is in the local cache when offline"
+                "HF_HUB_OFFLINE, and that the model is in the local cache when offline",
+                model_id=name,
+                revision=revision,
             ) from err
         if self.device is not None:
             model.to(self.device)
@@ -468,14 +487,18 @@ class ModelLoader:
         if not config.base_model_name_or_path:
             raise ModelNotFoundError(
                 f"adapter '{name}' does not name its base model (base_model_name_or_path in "
-                f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly"
+                f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly",
+                model_id=name,
+                revision=revision,
             )
         try:
             base = self.load(config.base_model_name_or_path, config.revision)
         except ModelNotFoundError as err:
             raise ModelNotFoundError(
                 f"adapter '{name}' names the base model '{config.base_model_name_or_path}' "
-                f"(base_model_name_or_path in its {ADAPTER_CONFIG}), which was not found: {err}"
+                f"(base_model_name_or_path in its {ADAPTER_CONFIG}), which was not found: {err}",
+                model_id=name,
+                revision=revision,
             ) from err
         adapter_name = f"adapter_{len([m for m in self._loaded.values() if m.base is base])}"
         source = {"revision": commit or revision, "token": self.token}
@@ -514,7 +537,9 @@ def _load_processor(name: str, modality: str, common: dict[str, Any]) -> Any:
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
             f"found no {'image processor' if modality == 'image' else 'tokenizer'} for '{name}' "
-            f"({err}); save one next to the model"
+            f"({err}); save one next to the model",
+            model_id=name,
+            revision=common.get("revision"),
         ) from err
     return prepare_tokenizer(tokenizer)
 
