@@ -35,15 +35,17 @@ one (exact powers of two again).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
-from typing import Protocol, Self, runtime_checkable
 
 import torch
 
 from .accumulation import (
+    Accumulator,
+    StderrAccumulator,
     check_finite_layers,
+    check_sides,
     common_exponents,
+    compute_quietly,
     constant_layers,
     exponent_header,
     layer_names,
@@ -53,11 +55,18 @@ from .accumulation import (
     validated_features,
 )
 from .errors import (
-    ConstantLayerWarning,
     InvalidInputError,
     ShapeMismatchError,
 )
 from .functional import KERNELS, Kernel, check_threshold, gram, u_center_gram
+
+__all__ = [
+    "Accumulator",
+    "MinibatchCKA",
+    "StderrAccumulator",
+    "check_sides",
+    "compute_quietly",
+]  # the accumulator contract lives in accumulation.py, beside the other shared pieces
 
 _PAIR_STATES = ("c", "ww_c", "ww_cc", "ww_ca", "ww_ce", "ww_ae")
 _A_STATES = ("a", "ww_a", "ww_aa", "raw_a")
@@ -70,58 +79,6 @@ _DEGREES = {
     "ww_ae": (2, 2), "a": (2, 0), "ww_a": (2, 0), "ww_aa": (4, 0), "raw_a": (2, 0),
     "e": (0, 2), "ww_e": (0, 2), "ww_ee": (0, 4), "raw_e": (0, 2),
 }  # fmt: skip
-
-
-@runtime_checkable
-class Accumulator(Protocol):
-    """The contract of every CKA accumulator (:class:`MinibatchCKA`,
-    :class:`~hf_cka.streaming.StreamingLinearCKA`), as the runner, checkpoints and
-    :mod:`~hf_cka.statistics` use them.
-
-    ``update`` adds one batch (one ``(n, d)`` tensor per layer and side); ``compute`` returns the
-    ``(La, Lb)`` float64 CKA matrix; the states are sums over batches, so ``merge`` (two
-    accumulators) and ``sync`` (all processes, through a sum all-reduce) give what sequential
-    updates over all the batches give; ``state_dict``/``load_state_dict`` round-trip them;
-    ``reset`` forgets every batch.
-    """
-
-    self_similarity: bool
-    num_layers_a: int
-    num_layers_b: int
-    layer_names_a: list[str]
-    layer_names_b: list[str]
-
-    @property
-    def n_batches(self) -> int: ...
-
-    @property
-    def n_samples(self) -> int: ...
-
-    def update(
-        self,
-        features_a: Sequence[torch.Tensor],
-        features_b: Sequence[torch.Tensor] | None = None,
-        *,
-        batch_index: int | None = None,
-    ) -> None: ...
-
-    def compute(self) -> torch.Tensor: ...
-
-    def reset(self) -> None: ...
-
-    def merge(self, other: Self) -> Self: ...
-
-    def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None: ...
-
-
-class StderrAccumulator(Accumulator, Protocol):
-    """An :class:`Accumulator` that also gives per-cell standard errors (``compute_stderr``)."""
-
-    def compute_stderr(self) -> torch.Tensor: ...
 
 
 class MinibatchCKA:
@@ -500,28 +457,6 @@ class MinibatchCKA:
                 f"expected at least {minimum} accumulated batch(es), got {self.n_batches}; "
                 "call update() with more data first"
             )
-
-
-def compute_quietly(accumulator: Accumulator) -> torch.Tensor:
-    """``accumulator.compute()`` without the constant-layer warning, for per-batch progress
-    callbacks (the final result still warns once)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConstantLayerWarning)
-        return accumulator.compute()
-
-
-def check_sides(accumulator: Accumulator, features_b: object) -> None:
-    """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
-    name = type(accumulator).__name__
-    if accumulator.self_similarity and features_b is not None:
-        raise InvalidInputError(
-            "this accumulator measures self-similarity (num_layers_b=None): call update() "
-            f"without features_b, or create {name}(num_layers_a, num_layers_b)"
-        )
-    if not accumulator.self_similarity and features_b is None:
-        raise InvalidInputError(
-            f"expected features_b for {accumulator.num_layers_b} layers of model B, got None"
-        )
 
 
 def _off_diagonal_energy(k: torch.Tensor) -> torch.Tensor:

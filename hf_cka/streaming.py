@@ -38,6 +38,7 @@ import torch
 
 from .accumulation import (
     check_finite_layers,
+    check_sides,
     nan_constant_layers,
     scale_exponents,
     scaled_features,
@@ -45,7 +46,7 @@ from .accumulation import (
 )
 from .errors import BatchTooSmallError, EstimatorWarning, InvalidInputError, ShapeMismatchError
 from .functional import Kernel
-from .metric import MinibatchCKA, check_sides
+from .metric import MinibatchCKA
 from .moments import ShiftedMoments, estimate_bytes, gram_blocks
 
 __all__ = [
