@@ -86,6 +86,10 @@ def resolve_commit(
             repo; the message suggests close local folder names.
         InvalidInputError: a revision was given for a local folder.
     """
+
+    def not_found(message: str) -> ModelNotFoundError:
+        return ModelNotFoundError(message, model_id=name, revision=revision)
+
     if os.path.isdir(name):
         if revision is not None:
             raise InvalidInputError(
@@ -104,62 +108,48 @@ def resolve_commit(
     from huggingface_hub.utils import validate_repo_id
 
     if os.path.exists(name):
-        raise ModelNotFoundError(
+        raise not_found(
             f"'{name}' is a file; expected a model folder (holding config.json and the weights) "
-            "or a Hub repo id: pass the folder that holds it",
-            model_id=name,
-            revision=revision,
+            "or a Hub repo id: pass the folder that holds it"
         )
     missing = f"no local folder '{name}' (looked for {os.path.abspath(name)})"
     try:
         validate_repo_id(name)
     except HFValidationError as err:  # a path, not an id: never ask the Hub about it
-        raise ModelNotFoundError(
+        raise not_found(
             f"{missing}, and '{name}' is not a Hub repo id either; check the path."
-            f"{suggest_paths(name, folders_only=True)}",
-            model_id=name,
-            revision=revision,
+            f"{suggest_paths(name, folders_only=True)}"
         ) from err
     try:
         info = HfApi().model_info(name, revision=revision, token=token)
     except RevisionNotFoundError as err:
-        raise ModelNotFoundError(
+        raise not_found(
             f"revision {revision!r} not found in model repo '{name}'; pass an existing branch, "
-            "tag or commit sha",
-            model_id=name,
-            revision=revision,
+            "tag or commit sha"
         ) from err
     except GatedRepoError as err:
-        raise ModelNotFoundError(
+        raise not_found(
             f"model repo '{name}' is gated: accept its conditions on its Hub page, then pass "
-            "token=... (--token) of the account that accepted them",
-            model_id=name,
-            revision=revision,
+            "token=... (--token) of the account that accepted them"
         ) from err
     except (RepositoryNotFoundError, HfHubHTTPError) as err:
         if isinstance(err, RepositoryNotFoundError) or http_status(err) == 404:
-            raise ModelNotFoundError(
+            raise not_found(
                 f"{missing} and no model repo '{name}' on the Hub (or it is private: pass "
-                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}",
-                model_id=name,
-                revision=revision,
+                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
             ) from err
-        raise ModelNotFoundError(
+        raise not_found(
             f"the Hub answered HTTP {http_status(err)} when looking up model repo '{name}' "
-            f"({first_line(err)}); check token=... for a private repo, or retry later",
-            model_id=name,
-            revision=revision,
+            f"({first_line(err)}); check token=... for a private repo, or retry later"
         ) from err
     except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
         cached = [try_to_load_from_cache(name, f, revision=revision) for f in CONFIG_FILES]
         snapshot = next((os.path.dirname(c) for c in cached if isinstance(c, str)), None)
         if snapshot is None:
-            raise ModelNotFoundError(
+            raise not_found(
                 f"{missing}, and the Hub could not be reached ({type(err).__name__}) to look for "
                 f"a model repo '{name}', which is not in the local cache either; check the path, "
-                f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}",
-                model_id=name,
-                revision=revision,
+                f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}"
             ) from err
         commit = os.path.basename(snapshot)  # the cache names each snapshot by its commit sha
         warnings.warn(

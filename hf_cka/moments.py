@@ -71,8 +71,10 @@ class ShiftedMoments:
     """Shifted, scaled float64 moment sums of two sides' layers, and their exact algebra.
 
     The base of :class:`~hf_cka.streaming.StreamingLinearCKA`, which adds ``update`` and
-    ``compute``; see there for the arguments. Holds ``states`` (views of one flat buffer), the
-    per-feature ``shift_a``/``shift_b`` and the per-layer scale ``exponents_a``/``exponents_b``.
+    ``compute``; see there for the arguments (this class takes them all, ``debiased`` included,
+    so that the estimator needs no constructor of its own). Holds ``states`` (views of one flat
+    buffer), the per-feature ``shift_a``/``shift_b`` and the per-layer scale ``exponents_a`` and
+    ``exponents_b``.
     """
 
     def __init__(
@@ -80,12 +82,14 @@ class ShiftedMoments:
         num_layers_a: int,
         num_layers_b: int | None = None,
         *,
+        debiased: bool = False,
         layer_names_a: Sequence[str] | None = None,
         layer_names_b: Sequence[str] | None = None,
         max_bytes: int | None = None,
         dims_a: Sequence[int] | None = None,
         dims_b: Sequence[int] | None = None,
     ) -> None:
+        self.debiased = debiased  # read by the estimator (``compute``) only
         self.layer_names_a, self.layer_names_b = layer_names(
             num_layers_a, num_layers_b, layer_names_a, layer_names_b
         )

@@ -106,29 +106,6 @@ class StreamingLinearCKA(ShiftedMoments):
         dims_b: optional widths of the B layers.
     """
 
-    def __init__(
-        self,
-        num_layers_a: int,
-        num_layers_b: int | None = None,
-        *,
-        debiased: bool = False,
-        layer_names_a: Sequence[str] | None = None,
-        layer_names_b: Sequence[str] | None = None,
-        max_bytes: int | None = None,
-        dims_a: Sequence[int] | None = None,
-        dims_b: Sequence[int] | None = None,
-    ) -> None:
-        self.debiased = debiased
-        super().__init__(
-            num_layers_a,
-            num_layers_b,
-            layer_names_a=layer_names_a,
-            layer_names_b=layer_names_b,
-            max_bytes=max_bytes,
-            dims_a=dims_a,
-            dims_b=dims_b,
-        )
-
     # ----------------------------------------------------------------------------- update
     def update(
         self,
