@@ -141,7 +141,7 @@ def default_layers(model: nn.Module, part: Part = "encoder") -> list[str]:
         if not children:
             raise
         return children
-    count = len(model.get_submodule(blocks))
+    count = _block_count(model.get_submodule(blocks))
     return [f"{blocks}.0{INPUT_SUFFIX}"] + [f"{blocks}.{i}" for i in range(count)]
 
 
@@ -199,16 +199,23 @@ def resolve_layers(
     return resolved
 
 
+def _block_count(blocks: nn.Module) -> int:
+    """The number of blocks in a block list (an ``nn.ModuleList``, see :func:`find_blocks`)."""
+    if not isinstance(blocks, nn.ModuleList):
+        raise InvalidInputError(f"expected a list of blocks, got a {type(blocks).__name__}")
+    return len(blocks)
+
+
 def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str, part: Part) -> str:
     names = [name for name in modules if name]
     hint = ""
     match = re.fullmatch(r"(.+)\.(\d+)", path)
     if match and isinstance(modules.get(match.group(1)), nn.ModuleList):
-        size = len(modules[match.group(1)])
+        size = _block_count(modules[match.group(1)])
         hint = f" Did you mean '{match.group(1)}.{size - 1}'? ({match.group(1)} has {size} blocks)"
     try:
         blocks = find_blocks(modules[""], part) if "" in modules else None
-        count = f" ({len(modules[blocks])} blocks)" if blocks else ""
+        count = f" ({_block_count(modules[blocks])} blocks)" if blocks else ""
     except (LayerNotFoundError, InvalidInputError):
         count = ""
     return (

@@ -38,6 +38,8 @@ from .model_files import (
 )
 from .provenance import ModelProvenance
 
+LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, *NETWORK_ERRORS)
+"""A model that cannot be read from disk or fetched from the Hub."""
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 DTYPES = {
@@ -83,6 +85,7 @@ class LoadedModel:
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for a forward pass of this side: its adapter on, or all adapters off."""
         if self.adapter_name is not None:
+            assert self.base is not None and self.base.peft is not None  # set with adapter_name
             self.base.peft.set_adapter(self.adapter_name)
             return contextlib.nullcontext()
         if self.peft is not None:
@@ -260,7 +263,7 @@ class ModelLoader:
                 f"transformers could not build a model from '{name}' ({first_line(err)}); "
                 "check its config.json (model_type, architectures) and the dtype/device_map given"
             ) from err
-        except (OSError, *NETWORK_ERRORS) as err:
+        except LOAD_ERRORS as err:
             if os.path.isdir(name):
                 raise ModelNotFoundError(
                     f"could not load the model folder '{name}' ({first_line(err)}); check its "
@@ -315,13 +318,13 @@ class ModelLoader:
                 revision=revision,
             ) from err
         adapter_name = f"adapter_{len([m for m in self._loaded.values() if m.base is base])}"
-        source = {"revision": commit or revision, "token": self.token}
+        at = commit or revision
         if base.peft is None:
             base.peft = PeftModel.from_pretrained(
-                base.model, name, adapter_name=adapter_name, **source
+                base.model, name, adapter_name=adapter_name, revision=at, token=self.token
             )
         else:
-            base.peft.load_adapter(name, adapter_name=adapter_name, **source)
+            base.peft.load_adapter(name, adapter_name=adapter_name, revision=at, token=self.token)
         base.peft.eval()
         return LoadedModel(
             name=name,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -107,7 +107,15 @@ def layer_labels(
     return short_labels(layers, sep, keep)
 
 
-def set_ticks(ax: Axes, axis: str, labels: Sequence[str], max_ticks: int) -> None:
+def root_figure(ax: Axes) -> Figure:
+    """The top-level figure ``ax`` is drawn in (also for axes inside a subfigure)."""
+    fig = ax.get_figure(root=True)
+    if not isinstance(fig, Figure):
+        raise InvalidInputError("expected axes that belong to a figure, got axes without one")
+    return fig
+
+
+def set_ticks(ax: Axes, axis: Literal["x", "y"], labels: Sequence[str], max_ticks: int) -> None:
     """Put thinned tick labels on the x or y axis; x labels are slanted when they are long."""
     ticks = tick_positions(len(labels), max_ticks)
     shown = [labels[i] for i in ticks]
@@ -183,7 +191,7 @@ def annotate(
         return f"{value}±{stderr[i, j]:{fmt}}"
 
     texts = {(i, j): text_of(i, j) for i, j in np.argwhere(visible)}
-    fig = ax.get_figure()
+    fig = root_figure(ax)
     box = ax.get_position()
     width_pt, height_pt = box.width * fig.get_figwidth() * 72, box.height * fig.get_figheight() * 72
     nrows, ncols = matrix.shape
@@ -194,7 +202,7 @@ def annotate(
     fontsize = float(np.clip(min(0.85 * cell_w / (0.6 * longest), 0.55 * cell_h), 3.0, 10.0))
     for (i, j), text in texts.items():
         value = matrix[i, j]
-        r, g, b = to_rgb(NAN_COLOR if np.isnan(value) else image.cmap(image.norm(value)))
+        r, g, b = to_rgb(NAN_COLOR) if np.isnan(value) else image.cmap(image.norm(value))[:3]
         color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
         ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
 
@@ -258,12 +266,12 @@ def add_colorbar(
     A single Axes gets an inset bar that follows the drawn (aspect-adjusted) heatmap; several get
     one bar beside all of them. The bar has arrows when ``data`` leave the colour range.
     """
-    extend = colorbar_extend(data, image.norm.vmin, image.norm.vmax)
+    extend = colorbar_extend(data, *image.get_clim())
     parents = [ax] if isinstance(ax, Axes) else list(ax)
     box = Bbox.union([a.get_position() for a in parents])
     width_in, height_in = box.width * fig.get_figwidth(), box.height * fig.get_figheight()
     if isinstance(ax, Axes):
-        cax = ax.inset_axes([1.0 + 0.15 / width_in, 0.0, 0.2 / width_in, 1.0])
+        cax = ax.inset_axes((1.0 + 0.15 / width_in, 0.0, 0.2 / width_in, 1.0))
         colorbar = fig.colorbar(image, cax=cax, extend=extend)
     else:
         colorbar = fig.colorbar(image, ax=parents, extend=extend, aspect=max(height_in / 0.2, 10))

@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hf_cka.errors import InvalidInputError, ShapeMismatchError
 from hf_cka.plot_style import (
@@ -23,6 +24,7 @@ from hf_cka.plot_style import (
     as_matrix,
     draw_heatmap,
     layer_labels,
+    root_figure,
     set_ticks,
 )
 
@@ -97,7 +99,7 @@ def plot_cka_trend(
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize or (7.0, 4.0), layout="constrained")
     else:
-        fig = ax.get_figure()
+        fig = root_figure(ax)
     low, high = np.inf, -np.inf
     for k, curve in enumerate(curves):
         x = np.arange(curve.size)
@@ -121,7 +123,9 @@ def plot_cka_trend(
     if xticklabels is not None:
         set_ticks(ax, "x", layer_labels(xticklabels, length, "xticklabels"), max_ticks)
     else:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        locator = ax.xaxis.get_major_locator()
+        if isinstance(locator, MaxNLocator):  # the default AutoLocator: whole layer indices
+            locator.set_params(integer=True)
     if ylim is not None:
         margin = 0.05 * (ylim[1] - ylim[0])
         ax.set_ylim(

@@ -27,6 +27,7 @@ from hf_cka.plot_style import (
     draw_heatmap,
     heatmap_figsize,
     layer_labels,
+    root_figure,
 )
 from hf_cka.plot_trends import plot_cka_trend, plot_drift
 
@@ -94,7 +95,7 @@ def plot_cka_heatmap(
         )
         fig, ax = plt.subplots(figsize=size, layout="compressed")
     else:
-        fig = ax.get_figure()
+        fig = root_figure(ax)
     image = draw_heatmap(
         ax,
         data,
