@@ -4,12 +4,15 @@
   function-level (lazy) ones and those under ``if TYPE_CHECKING:`` (a cycle through a type-only
   import still ties two modules together: neither can be read, typed or moved without the other);
 * the runner does not import the seed-compatible ``engine`` (both build on ``capture``);
-* no module is over MAX_LINES lines.
+* no module is over MAX_LINES lines;
+* the version is written once: ``hf_cka.__version__``, which pyproject.toml reads.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,22 @@ def test_the_runner_does_not_import_the_engine() -> None:
 def test_no_module_is_too_long(module: str) -> None:
     lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines; split it along a real seam"
+
+
+def test_the_version_is_written_once() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hf_cka.__version__"}
+    init = ast.parse((ROOT / "__init__.py").read_text(encoding="utf-8"))
+    (version,) = [
+        node.value.value
+        for node in init.body
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+        and isinstance(node.value, ast.Constant)  # a literal: setuptools reads it statically
+    ]
+    shown = subprocess.run(
+        [sys.executable, "-m", PACKAGE, "--version"], capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.split() == ["hf-cka", version]
