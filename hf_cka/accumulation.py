@@ -9,15 +9,21 @@
   the multiple of :data:`SCALE_STEP` nearest to ``log2 max|x|`` of the first batch
   (:func:`scale_exponents`), kept for the whole run; :func:`exponent_header` and
   :func:`common_exponents` let processes agree on common exponents inside an all-reduce;
-* :func:`nan_constant_layers` turns the cells of layers constant over the data into NaN.
+* :func:`u_centred_with_probes` gives a batch's U-centred Grams with the probes of both checks
+  (a :class:`BatchSide` of the minibatch accumulator);
+* :func:`nan_constant_layers` turns the cells of layers constant over the data into NaN;
+* :class:`Accumulator`, the contract every accumulator keeps (re-exported by :mod:`hf_cka.metric`),
+  with :func:`check_sides` and :func:`compute_quietly`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+from typing_extensions import Self
 
 from .errors import (
     ConstantLayerWarning,
@@ -25,7 +31,7 @@ from .errors import (
     NonFiniteActivationError,
     ShapeMismatchError,
 )
-from .functional import as_features, scale_exponent
+from .functional import as_features, scale_exponent, u_center_gram
 
 # A layer whose centred Gram energy is below this fraction of its raw Gram energy is constant
 # over the data up to float64 rounding: its CKA is undefined (NaN), never divided by an epsilon.
@@ -162,6 +168,31 @@ def check_finite_layers(
     )
 
 
+class BatchSide(NamedTuple):
+    """One side of a minibatch: its layer names, the values the finiteness check names (features
+    or squared distances), their scale exponents, and its U-centred Grams with their probes."""
+
+    names: list[str]
+    values: list[torch.Tensor]
+    exponents: torch.Tensor
+    centred: tuple[torch.Tensor, torch.Tensor]
+
+
+def u_centred_with_probes(k: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U(K)`` of ``(L, n, n)`` Gram matrices and their ``(2, L)`` probes: the raw off-diagonal
+    energies ``sum_{i != j} K_ij^2`` (the scale a constant layer is judged against, see
+    :func:`constant_layers`) and a finiteness probe.
+
+    A NaN or Inf activation of sample ``i`` reaches the linear ``K_ii = ||x_i||^2``, so the
+    probe is the Gram trace; an RBF kernel has ``K_ii = 1`` whatever the distances, so there
+    the probe is the sum of the whole Gram matrix. Nothing is read back to the host here.
+    """
+    diagonal = k.diagonal(dim1=-2, dim2=-1)
+    probe = diagonal.sum(-1) if kernel == "linear" else k.sum(dim=(-2, -1))
+    energy = (k * k).sum(dim=(-2, -1)) - (diagonal**2).sum(-1)
+    return u_center_gram(k), torch.stack((energy, probe))
+
+
 def layer_names(
     num_layers_a: int,
     num_layers_b: int | None,
@@ -178,3 +209,77 @@ def layer_names(
     if num_layers_b is None:
         return names_a, list(names_b or names_a)
     return names_a, list(names_b or [f"B[{j}]" for j in range(num_layers_b)])
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """The contract of every CKA accumulator (:class:`~hf_cka.metric.MinibatchCKA`,
+    :class:`~hf_cka.streaming.StreamingLinearCKA`), as the runner, checkpoints and
+    :mod:`~hf_cka.statistics` use them.
+
+    ``update`` adds one batch (one ``(n, d)`` tensor per layer and side); ``compute`` returns the
+    ``(La, Lb)`` float64 CKA matrix; the states are sums over batches, so ``merge`` (two
+    accumulators) and ``sync`` (all processes, through a sum all-reduce) give what sequential
+    updates over all the batches give; ``state_dict``/``load_state_dict`` round-trip them;
+    ``reset`` forgets every batch.
+    """
+
+    self_similarity: bool
+    num_layers_a: int
+    num_layers_b: int
+    layer_names_a: list[str]
+    layer_names_b: list[str]
+
+    @property
+    def n_batches(self) -> int: ...
+
+    @property
+    def n_samples(self) -> int: ...
+
+    def update(
+        self,
+        features_a: Sequence[torch.Tensor],
+        features_b: Sequence[torch.Tensor] | None = None,
+        *,
+        batch_index: int | None = None,
+    ) -> None: ...
+
+    def compute(self) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
+
+    def merge(self, other: Self) -> Self: ...
+
+    def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None: ...
+
+
+class StderrAccumulator(Accumulator, Protocol):
+    """An :class:`Accumulator` that also gives per-cell standard errors (``compute_stderr``)."""
+
+    def compute_stderr(self) -> torch.Tensor: ...
+
+
+def compute_quietly(accumulator: Accumulator) -> torch.Tensor:
+    """``accumulator.compute()`` without the constant-layer warning, for per-batch progress
+    callbacks (the final result still warns once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantLayerWarning)
+        return accumulator.compute()
+
+
+def check_sides(accumulator: Accumulator, features_b: object) -> None:
+    """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
+    name = type(accumulator).__name__
+    if accumulator.self_similarity and features_b is not None:
+        raise InvalidInputError(
+            "this accumulator measures self-similarity (num_layers_b=None): call update() "
+            f"without features_b, or create {name}(num_layers_a, num_layers_b)"
+        )
+    if not accumulator.self_similarity and features_b is None:
+        raise InvalidInputError(
+            f"expected features_b for {accumulator.num_layers_b} layers of model B, got None"
+        )

@@ -3,52 +3,35 @@
 ``AutoCKA.from_pretrained`` resolves and loads the models (:mod:`hf_cka.models`) and their layers
 (:mod:`hf_cka.layers`); ``compare`` and ``drift`` stream the data through them
 (:mod:`hf_cka.runner`) and wrap the accumulated CKA in results with full provenance
-(:mod:`hf_cka.result`).
+(:mod:`hf_cka.assembly`). A fingerprint on either side gives a :class:`TwoPhaseCKA`, which
+extracts the model side alone and combines the stores (:mod:`hf_cka.combine`).
 """
 
 from __future__ import annotations
 
-import itertools
-import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import Unpack
 
-from . import distributed
-from .data import MIN_BATCH, batch_samples, load_samples
-from .errors import (
-    EstimatorWarning,
-    InvalidInputError,
-    ShapeMismatchError,
-    TokenizerMismatchError,
-)
+from .assembly import compare_all, drift_result
+from .data import load_samples
+from .errors import InvalidInputError, ShapeMismatchError, TokenizerMismatchError
 from .layers import LayerSpec, Part, resolve_layers
-from .logging import warn
-from .metric import MinibatchCKA
+from .model_files import names_fingerprint
 from .models import LoadedModel, ModelLoader
 from .options import DEFAULTS, MIN_MAX_LENGTH, RunChanges, RunOptions, check_int
 from .pooling import Pooling, check_pooling
-from .runner import Accumulated, Comparison, Extractor, check_max_length, run_comparisons
+from .runner import Comparison, Extractor, check_max_length
 from .tokens import clean_token
 
 if TYPE_CHECKING:
+    from .combine import Side
     from .fingerprint import Fingerprint
     from .grid import GridResult
     from .result import CKAResult, DriftResult
-
-ESTIMATOR_LABELS = {
-    "minibatch": "minibatch-unbiased-hsic",  # Nguyen et al. 2020
-    "linear": "exact-linear-cka",  # Kornblith et al. 2019, biased HSIC, streamed
-    "debiased": "exact-debiased-linear-cka",  # U-centred HSIC (Song et al. 2012), streamed
-}
-DRIFT_METADATA = (
-    "pooling", "estimator", "dataset", "dataset_config", "split", "n_samples", "n_batches",
-    "batch_size", "max_length", "num_processes", "versions", "wall_time_s", "measure",
-    "measure_params",
-)  # fmt: skip
 
 
 class AutoCKA:
@@ -132,16 +115,6 @@ class AutoCKA:
         """
         check_pooling(pooling)
         _check_some_layers(layers_a=layers_a, layers_b=layers_b)
-        if any(_names_fingerprint(spec, rev, token) for spec, rev in
-               ((model_a, revision_a), (model_b, revision_b))):  # fmt: skip
-            from .combine import TwoPhaseCKA
-
-            return TwoPhaseCKA.from_sources(
-                model_a, model_b, revision_a=revision_a, revision_b=revision_b,
-                layers_a=layers_a, layers_b=layers_b, pooling=pooling, part_a=part_a,
-                part_b=part_b, token=clean_token(token), dtype=dtype, device=device,
-                device_map=device_map, trust_remote_code=trust_remote_code,
-            )  # fmt: skip
         loader = ModelLoader(
             dtype=dtype,
             device=device,
@@ -149,6 +122,12 @@ class AutoCKA:
             trust_remote_code=trust_remote_code,
             token=clean_token(token),
         )
+        specs = ((model_a, revision_a, layers_a, part_a), (model_b, revision_b, layers_b, part_b))
+        if any(names_fingerprint(spec, revision, token) for spec, revision, _, _ in specs):
+            from .combine import load_sides
+
+            side_a, side_b = load_sides(specs, pooling, loader, clean_token(token))
+            return TwoPhaseCKA(side_a, side_b, pooling=pooling, token=clean_token(token))
         loaded_a = loader.load(model_a, revision_a)
         loaded_b = None if model_b is None else loader.load(model_b, revision_b)
         if loaded_b is None and loaded_a.base is not None:  # lone adapter: base vs adapted
@@ -221,7 +200,7 @@ class AutoCKA:
                 f"the options ask for pooling={options.pooling!r}; give the options "
                 f"pooling={self.pooling!r}, or from_pretrained pooling={options.pooling!r}"
             )
-        (result,) = _compare_all([self.comparison], data, options, self._token)
+        (result,) = compare_all([self.comparison], data, options, self._token)
         return result
 
     @classmethod
@@ -273,7 +252,7 @@ class AutoCKA:
             results = drift_one_at_a_time(
                 sources[0], sources[1:], data, options, clean_token(token)
             )
-            return _drift_result(base, list(checkpoints), results)
+            return drift_result(base, list(checkpoints), results)
         loader = ModelLoader(
             dtype=dtype,
             device=device,
@@ -302,8 +281,8 @@ class AutoCKA:
                     f"'{comparison.model_b.name}' has layers {comparison.layers_b} and the base "
                     f"'{base_model.name}' {comparison.layers_a}; pass layers=[...] that both have"
                 )
-        results = _compare_all(comparisons, data, options, token)
-        return _drift_result(base_model.name, [c.model_b.name for c in comparisons], results)
+        results = compare_all(comparisons, data, options, token)
+        return drift_result(base_model.name, [c.model_b.name for c in comparisons], results)
 
     @classmethod
     def fingerprint(
@@ -440,29 +419,8 @@ class AutoCKA:
             dataset_config=dataset_config,
             split=split,
         )
-        rows: dict[str, list[torch.Tensor]] = {spec: [] for spec in layers}
         with Extractor(loaded, layers, self.pooling) as extractor:
-            for batch in _batches(samples, batch_size):
-                encodings = extractor.encode(batch, max_length)
-                (feats,) = extractor.chunk_features(
-                    encodings, [len(batch)], batch_size, sort_by_length
-                )
-                for spec in layers:
-                    rows[spec].append(feats[spec])
-        return {spec: torch.cat(parts).cpu() for spec, parts in rows.items()}
-
-
-def _batches(samples: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    """The batches ``compare`` would form (a tail of < 4 samples joins the batch before it), so
-    the features match its own bit for bit; with ``size`` < 4 or fewer than 4 samples, plain
-    consecutive batches of ``size`` (the last one possibly shorter)."""
-    head = list(itertools.islice(samples, MIN_BATCH))
-    if size >= MIN_BATCH and len(head) == MIN_BATCH:
-        yield from batch_samples(itertools.chain(head, samples), size)
-        return
-    samples = itertools.chain(head, samples)
-    while batch := list(itertools.islice(samples, size)):
-        yield batch
+            return extractor.all_features(samples, batch_size, max_length, sort_by_length)
 
 
 def _check_some_layers(**layer_lists: str | Sequence[LayerSpec]) -> None:
@@ -475,96 +433,64 @@ def _check_some_layers(**layer_lists: str | Sequence[LayerSpec]) -> None:
             )
 
 
-def _compare_all(
-    comparisons: list[Comparison],
-    data: Any,
-    options: RunOptions,
-    token: str | bool | None,
-) -> list[CKAResult]:
-    """Run the comparisons over ``data`` in one stream and wrap each in a ``CKAResult``."""
-    from .result import CKAResult
+class TwoPhaseCKA(AutoCKA):
+    """An :class:`~hf_cka.AutoCKA` with a fingerprint on one side (or both).
 
-    outcome = run_comparisons(comparisons, data, options, token=token)
-    versions = _library_versions()
-    results = []
-    for comparison, accumulated in zip(comparisons, outcome.accumulated, strict=True):
-        metric = accumulated.metric
-        metadata = {
-            **comparison.model_a.provenance("a"),
-            **comparison.model_b.provenance("b"),
-            "dtype": _dtype_label(comparison),
-            "pooling": options.pooling,
-            "estimator": ESTIMATOR_LABELS[options.estimator] if options.measure == "cka" else None,
-            **{k: v for k, v in outcome.data_info.items() if k != "size"},
-            "n_samples": metric.n_samples,
-            "n_batches": metric.n_batches,
-            "num_processes": distributed.num_processes(),
-            **outcome.run_info,
-            "versions": versions,
-        }
-        results.append(
-            CKAResult(
-                matrix=metric.compute(),
-                layers_a=list(comparison.layers_a),
-                layers_b=list(comparison.layers_b),
-                model_a=comparison.model_a.name,
-                model_b=comparison.model_b.name,
-                metadata=metadata,
-                stderr=_stderr(accumulated),
-                null=accumulated.null_matrix(),
-            )
+    :meth:`AutoCKA.from_pretrained` returns it when a model id names a fingerprint folder or
+    Hub repo; :meth:`compare` then runs only the other model's forward passes (none when both
+    sides are fingerprints) and combines the stores.
+    """
+
+    def __init__(
+        self, side_a: Side, side_b: Side | None, *, pooling: Pooling, token: str | bool | None
+    ) -> None:  # no super().__init__: a stored side has no module to hook
+        self.side_a, self.side_b = side_a, side_b if side_b is not None else side_a
+        self.pooling = pooling
+        self.layers_a, self.layers_b = self.side_a.layers, self.side_b.layers
+        # a stored side holds a Fingerprint where AutoCKA holds a LoadedModel
+        self.model_a = side_a.loaded or side_a.fingerprint  # type: ignore[assignment]
+        self.model_b = self.side_b.loaded or self.side_b.fingerprint  # type: ignore[assignment]
+        self.same_model = self.side_b is self.side_a
+        self._token = token
+
+    def __repr__(self) -> str:
+        return (
+            f"TwoPhaseCKA(model_a={self.side_a.name!r}, model_b={self.side_b.name!r}, "
+            f"layers={len(self.layers_a)}x{len(self.layers_b)}, pooling={self.pooling!r})"
         )
-    return results
 
+    @property
+    def comparison(self) -> Any:
+        raise InvalidInputError(
+            "a comparison with a fingerprint has no model pair to stream; call compare()"
+        )
 
-def _names_fingerprint(spec: str | None, revision: str | None, token: str | bool | None) -> bool:
-    from .models import is_fingerprint, parse_model_spec
+    def compare(
+        self, data: Any = None, options: RunOptions | None = None, **changes: Unpack[RunChanges]
+    ) -> Any:
+        """CKA over ``data`` (default: the data the fingerprint was made from); the options
+        are those of :meth:`AutoCKA.compare` except ``callback``, ``target_stderr`` and
+        ``checkpoint_dir``. Returns a ``CKAResult``."""
+        from .combine import compare_two_phase
 
-    if spec is None:
-        return False
-    name, revision = parse_model_spec(spec, revision)
-    return is_fingerprint(name, revision, clean_token(token))
+        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
+        if options.pooling != self.pooling:
+            raise InvalidInputError(
+                f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
+                f"the options ask for pooling={options.pooling!r}"
+            )
+        side_b = self.side_a if self.same_model else self.side_b
+        return compare_two_phase(self.side_a, side_b, data, options, self._token)
 
-
-def _drift_result(base: str, checkpoints: list[str], results: list[CKAResult]) -> DriftResult:
-    from .result import DriftResult
-
-    return DriftResult(
-        base=base,
-        checkpoints=checkpoints,
-        results=results,
-        metadata={key: results[0].metadata.get(key) for key in DRIFT_METADATA},
-    )
-
-
-def _stderr(accumulated: Accumulated) -> torch.Tensor | None:
-    """Standard errors of a minibatch estimate, or ``None``: the exact estimators have none, and
-    fewer than two batches cannot give one (a warning says so)."""
-    if not isinstance(accumulated.metric, MinibatchCKA):
-        return None
-    if accumulated.metric.n_batches >= 2:
-        return accumulated.metric.compute_stderr()
-    warn(
-        "only one batch was accumulated, so no standard error can be estimated; use a smaller "
-        "batch_size or more data to get error bars",
-        EstimatorWarning,
-        stacklevel=3,
-    )
-    return None
-
-
-def _dtype_label(comparison: Comparison) -> str:
-    a, b = comparison.model_a.dtype, comparison.model_b.dtype
-    return a if a == b else f"{a}/{b}"
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for package in ("hf_cka", "torch", "transformers", "datasets", "accelerate", "huggingface_hub"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    def extract_features(self, data: Any = None, *, model: str = "a", **options: Any) -> Any:
+        """Pooled features of one side: extracted for a model, stored for a fingerprint."""
+        side = self.side_a if model == "a" else self.side_b
+        if side.fingerprint is None:
+            assert side.loaded is not None
+            auto = AutoCKA(side.loaded, layers_a=side.layers, pooling=self.pooling)
+            return auto.extract_features(data, **options)
+        indices = side.fingerprint.layer_indices(side.layers)
+        rows = side.fingerprint.batch_features(indices)
+        return {
+            side.layers[k]: torch.cat([batch[k] for batch in rows]) for k in range(len(indices))
+        }

@@ -15,14 +15,15 @@ Everything that runs a model and captures its activations lives here, for the se
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .data import collate, encode, lengths
+from .data import MIN_BATCH, batch_samples
+from .encoding import collate, encode, lengths
 from .errors import InvalidInputError, LayerNotFiredError
 from .layers import split_spec
 from .pooling import padding_mask, pool
@@ -332,3 +333,32 @@ class Extractor:
                     buffers[spec] = rows.new_empty((total, *rows.shape[1:]))
                 buffers[spec][order_on_device[start : start + batch_size]] = rows
         return [{k: v[s:e] for k, v in buffers.items()} for s, e in itertools.pairwise(bounds)]
+
+    def all_features(
+        self, samples: Iterator[Any], batch_size: int, max_length: int | None, sort: bool
+    ) -> dict[str, torch.Tensor]:
+        """The pooled features ``{layer: (n, d)}`` of every sample, in data order, on the CPU.
+
+        The batches are those ``compare`` forms (see :func:`_batches`), so the features match its
+        own bit for bit; ``sort`` as in :meth:`chunk_features`.
+        """
+        rows: dict[str, list[torch.Tensor]] = {spec: [] for spec in self.layers}
+        for batch in _batches(samples, batch_size):
+            encodings = self.encode(batch, max_length)
+            (feats,) = self.chunk_features(encodings, [len(batch)], batch_size, sort)
+            for spec in self.layers:
+                rows[spec].append(feats[spec])
+        return {spec: torch.cat(parts).cpu() for spec, parts in rows.items()}
+
+
+def _batches(samples: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """The batches ``compare`` would form (a tail of < 4 samples joins the batch before it); with
+    ``size`` < 4 or fewer than 4 samples, plain consecutive batches of ``size`` (the last one
+    possibly shorter)."""
+    head = list(itertools.islice(samples, MIN_BATCH))
+    if size >= MIN_BATCH and len(head) == MIN_BATCH:
+        yield from batch_samples(itertools.chain(head, samples), size)
+        return
+    samples = itertools.chain(head, samples)
+    while batch := list(itertools.islice(samples, size)):
+        yield batch

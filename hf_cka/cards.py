@@ -18,6 +18,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from markupsafe import Markup
 
 from hf_cka.errors import InvalidInputError
+from hf_cka.provenance import ModelProvenance, Provenance
 from hf_cka.storage import validate_repo_id, validate_run_id
 
 TEMPLATE_NAME = "dataset_card_template.md"
@@ -63,24 +64,14 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _model_cell(metadata: Mapping[str, Any], model: str, side: str) -> str:
+def _model_cell(model: str, provenance: ModelProvenance) -> str:
     """``model @ revision (sha)`` with the parts that are known."""
     text = model
-    if revision := metadata.get(f"revision_{side}"):
-        text += f" @ {revision}"
-    if sha := metadata.get(f"commit_sha_{side}"):
-        text += f" ({str(sha)[:12]})"
+    if provenance.revision:
+        text += f" @ {provenance.revision}"
+    if provenance.commit_sha:
+        text += f" ({str(provenance.commit_sha)[:12]})"
     return text
-
-
-def _data_cell(metadata: Mapping[str, Any]) -> str | None:
-    """``dataset/config:split`` (or ``None`` when the run does not record its data)."""
-    dataset = metadata.get("dataset")
-    if not dataset:
-        return None
-    config = metadata.get("dataset_config")
-    split = metadata.get("split")
-    return f"{dataset}{f'/{config}' if config else ''}{f':{split}' if split else ''}"
 
 
 def _versions_cell(versions: Any) -> str | None:
@@ -89,46 +80,44 @@ def _versions_cell(versions: Any) -> str | None:
     return None if versions is None else str(versions)
 
 
+def _estimator_cell(provenance: Provenance) -> str | None:
+    """The CKA estimator, or another measure with its parameters (``mutual_knn (k=5)``)."""
+    if provenance.estimator is not None or provenance.measure in (None, "cka"):
+        return provenance.estimator
+    params = provenance.measure_params or {}
+    listed = ", ".join(f"{name}={value}" for name, value in params.items())
+    return f"{provenance.measure}" + (f" ({listed})" if listed else "")
+
+
 def _run_view(run: Mapping[str, Any]) -> dict[str, Any]:
     """The values of one run as the template prints them (still unescaped user data)."""
     for key in ("model_a", "model_b"):
         if not isinstance(run.get(key), str) or not run[key]:
             raise InvalidInputError(f"every run needs a non-empty string {key!r}; got {run!r}")
     validate_run_id(run.get("run_id"))
-    metadata = run.get("metadata") or {}
+    provenance = Provenance.from_dict(run.get("metadata") or {})
     shape = None
     if run.get("num_layers_a") is not None and run.get("num_layers_b") is not None:
         shape = f"{run['num_layers_a']} × {run['num_layers_b']}"
-    view = {
-        key: metadata.get(key)
-        for key in (
-            "pooling",
-            "estimator",
-            "n_samples",
-            "dtype",
-            "batch_size",
-            "n_batches",
-            "max_length",
-            "num_processes",
-            "wall_time_s",
-        )
+    wall_time = provenance.wall_time_s
+    return {
+        "run_id": run["run_id"],
+        "created_at": run.get("created_at") or provenance.created_at,
+        "model_a": _model_cell(run["model_a"], provenance.model_a),
+        "model_b": _model_cell(run["model_b"], provenance.model_b),
+        "shape": shape,
+        "data": provenance.data.label(),
+        "versions": _versions_cell(provenance.versions),
+        "pooling": provenance.pooling,
+        "estimator": _estimator_cell(provenance),
+        "n_samples": provenance.n_samples,
+        "dtype": provenance.dtype,
+        "batch_size": provenance.batch_size,
+        "n_batches": provenance.n_batches,
+        "max_length": provenance.max_length,
+        "num_processes": provenance.num_processes,
+        "wall_time_s": f"{wall_time:.1f}" if isinstance(wall_time, float) else wall_time,
     }
-    if view["estimator"] is None and metadata.get("measure") not in (None, "cka"):
-        params = metadata.get("measure_params") or {}
-        listed = ", ".join(f"{name}={value}" for name, value in params.items())
-        view["estimator"] = f"{metadata['measure']}" + (f" ({listed})" if listed else "")
-    if isinstance(view["wall_time_s"], float):
-        view["wall_time_s"] = f"{view['wall_time_s']:.1f}"
-    view.update(
-        run_id=run["run_id"],
-        created_at=run.get("created_at") or metadata.get("created_at"),
-        model_a=_model_cell(metadata, run["model_a"], "a"),
-        model_b=_model_cell(metadata, run["model_b"], "b"),
-        shape=shape,
-        data=_data_cell(metadata),
-        versions=_versions_cell(metadata.get("versions")),
-    )
-    return view
 
 
 def render_dataset_card(repo_id: str, runs: Sequence[Mapping[str, Any]]) -> DatasetCard:

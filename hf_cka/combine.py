@@ -14,18 +14,23 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from typing_extensions import Unpack
-
-from .auto import AutoCKA
+from .assembly import dtype_label, to_result
 from .errors import InvalidInputError
 from .extract import ExtractOptions, ModelSource, extract, fingerprint_model
 from .fingerprint import Fingerprint, check_compatible, check_settings, load_fingerprint
 from .layers import LayerSpec, Part, resolve_layers
 from .metric import MinibatchCKA
-from .models import LoadedModel, ModelLoader, is_fingerprint, parse_model_spec
-from .options import RunChanges, RunOptions
-from .pooling import Pooling
+from .model_files import is_fingerprint, parse_model_spec
+from .models import LoadedModel, ModelLoader
+from .options import RunOptions
+from .provenance import (
+    ESTIMATOR_LABELS,
+    DataProvenance,
+    ModelProvenance,
+    Provenance,
+    library_versions,
+)
+from .runner import Accumulated
 from .statistics import null_order
 from .streaming import new_accumulator
 
@@ -73,10 +78,6 @@ def combine(
     Raises:
         FingerprintMismatchError: the stores describe other samples, batches or settings.
     """
-    from .auto import ESTIMATOR_LABELS, _library_versions, _stderr
-    from .result import CKAResult
-    from .runner import Accumulated
-
     started = time.perf_counter()
     options = options or RunOptions()
     check_compatible(a, b)
@@ -116,47 +117,38 @@ def combine(
     metric = accumulated.metric
     stores = [a] if a is b else [a, b]
     extraction_s = sum(float(store.metadata.get("wall_time_s") or 0.0) for store in stores)
-    dtypes = a.model.get("dtype"), b.model.get("dtype")
-    metadata = {
-        **_side(a, "a"),
-        **_side(b, "b"),
-        "dtype": dtypes[0] if dtypes[0] == dtypes[1] else f"{dtypes[0]}/{dtypes[1]}",
-        "pooling": a.settings.get("pooling"),
-        "estimator": ESTIMATOR_LABELS[options.estimator],
-        **a.data,
-        "n_samples": metric.n_samples,
-        "n_batches": metric.n_batches,
-        "num_processes": 1,
-        "batch_size": a.settings.get("batch_size"),
-        "max_length": a.settings.get("max_length"),
-        "shuffle_seed": a.settings.get("shuffle_seed"),
-        "kernel": options.kernel,
-        "threshold": options.threshold if options.kernel == "rbf" else None,
-        "sort_by_length": a.settings.get("sort_by_length"),
-        "null_permutations": options.null_permutations,
-        "target_stderr": None,
-        "stopped_early": False,
-        "samples_digest": a.samples_digest,
-        "two_phase": True,
-        "wall_time_s": time.perf_counter() - started + extraction_s,
-        "versions": _library_versions(),
-    }
-    return CKAResult(
-        matrix=metric.compute(),
-        layers_a=names_a,
-        layers_b=names_b,
-        model_a=a.name,
-        model_b=b.name,
-        metadata=metadata,
-        stderr=_stderr(accumulated),
-        null=accumulated.null_matrix(),
+    provenance = Provenance(
+        model_a=_model_provenance(a),
+        model_b=_model_provenance(b),
+        dtype=dtype_label(a.model.get("dtype"), b.model.get("dtype")),
+        pooling=a.settings.get("pooling"),
+        estimator=ESTIMATOR_LABELS[options.estimator],
+        data=DataProvenance.from_dict(a.data),
+        n_samples=metric.n_samples,
+        n_batches=metric.n_batches,
+        num_processes=1,
+        batch_size=a.settings.get("batch_size"),
+        max_length=a.settings.get("max_length"),
+        measure="cka",
+        measure_params={},
+        kernel=options.kernel,
+        threshold=options.threshold if options.kernel == "rbf" else None,
+        sort_by_length=a.settings.get("sort_by_length"),
+        null_permutations=options.null_permutations,
+        target_stderr=None,
+        stopped_early=False,
+        shuffle_seed=a.settings.get("shuffle_seed"),
+        samples_digest=a.samples_digest,
+        two_phase=True,
+        wall_time_s=time.perf_counter() - started + extraction_s,
+        versions=library_versions(),
     )
+    return to_result(accumulated, names_a, names_b, provenance)
 
 
-def _side(fingerprint: Fingerprint, suffix: str) -> dict[str, Any]:
-    """Model provenance entries of one side (``model_a``, ``revision_a``, ...)."""
-    skip = ("dtype", "modality")
-    return {f"{k}_{suffix}": v for k, v in fingerprint.model.items() if k not in skip}
+def _model_provenance(fingerprint: Fingerprint) -> ModelProvenance:
+    """The model a fingerprint was made from (its ``model`` entries, without a side suffix)."""
+    return ModelProvenance.from_dict({f"{k}_x": v for k, v in fingerprint.model.items()}, "x")
 
 
 class Side:
@@ -201,6 +193,39 @@ class Side:
         return extract(
             self.loaded, self.layers, pooling, data, options, reference=reference, token=token
         )
+
+
+def load_sides(
+    specs: Sequence[tuple[str | None, str | None, str | Sequence[LayerSpec], Part]],
+    pooling: str,
+    loader: ModelLoader,
+    token: str | bool | None,
+) -> tuple[Side, Side | None]:
+    """Side A and side B (``None``: no model B) of ``(spec, revision, layers, part)`` each: the
+    fingerprint a spec names, else the model it names, loaded with ``loader``.
+
+    Raises:
+        InvalidInputError: ``pooling="tokens"``, whose samples depend on the tokenizer.
+    """
+    if pooling == "tokens":
+        raise InvalidInputError(
+            "pooling='tokens' cannot be compared through a fingerprint (its samples depend "
+            "on the tokenizer); use pooling='mean' (or 'last', 'max', 'first')"
+        )
+    sides: list[Side | None] = []
+    for spec, revision, layers, part in specs:
+        if spec is None:
+            sides.append(None)
+            continue
+        name, revision = parse_model_spec(spec, revision)
+        if is_fingerprint(name, revision, token):
+            stored = load_fingerprint(name, revision, token)
+            sides.append(Side(fingerprint=stored, layers=layers))
+        else:
+            sides.append(Side(loaded=loader.load(name, revision), layers=layers, part=part))
+    first, second = sides
+    assert first is not None  # model A is never None
+    return first, second
 
 
 def reference_data(reference: Fingerprint | None, data: Any) -> Any:
@@ -273,98 +298,3 @@ def drift_one_at_a_time(
             combine(base_store, store, layers_a=layers, layers_b=layers, options=options)
         )
     return results
-
-
-class TwoPhaseCKA(AutoCKA):
-    """An :class:`~hf_cka.AutoCKA` with a fingerprint on one side (or both).
-
-    :meth:`AutoCKA.from_pretrained` returns it when a model id names a fingerprint folder or
-    Hub repo; :meth:`compare` then runs only the other model's forward passes (none when both
-    sides are fingerprints) and combines the stores.
-    """
-
-    def __init__(
-        self, side_a: Side, side_b: Side | None, *, pooling: Pooling, token: str | bool | None
-    ) -> None:  # no super().__init__: a stored side has no module to hook
-        self.side_a, self.side_b = side_a, side_b if side_b is not None else side_a
-        self.pooling = pooling
-        self.layers_a, self.layers_b = self.side_a.layers, self.side_b.layers
-        # a stored side holds a Fingerprint where AutoCKA holds a LoadedModel
-        self.model_a = side_a.loaded or side_a.fingerprint  # type: ignore[assignment]
-        self.model_b = self.side_b.loaded or self.side_b.fingerprint  # type: ignore[assignment]
-        self.same_model = self.side_b is self.side_a
-        self._token = token
-
-    def __repr__(self) -> str:
-        return (
-            f"TwoPhaseCKA(model_a={self.side_a.name!r}, model_b={self.side_b.name!r}, "
-            f"layers={len(self.layers_a)}x{len(self.layers_b)}, pooling={self.pooling!r})"
-        )
-
-    @classmethod
-    def from_sources(
-        cls,
-        model_a: str,
-        model_b: str | None,
-        *,
-        revision_a: str | None = None,
-        revision_b: str | None = None,
-        layers_a: str | Sequence[LayerSpec] = "auto",
-        layers_b: str | Sequence[LayerSpec] = "auto",
-        pooling: Pooling = "mean",
-        part_a: Part = "encoder",
-        part_b: Part = "encoder",
-        token: str | bool | None = None,
-        **loading: Any,
-    ) -> TwoPhaseCKA:
-        """Load the fingerprint side(s) and the model side (see ``AutoCKA.from_pretrained``)."""
-        if pooling == "tokens":
-            raise InvalidInputError(
-                "pooling='tokens' cannot be compared through a fingerprint (its samples depend "
-                "on the tokenizer); use pooling='mean' (or 'last', 'max', 'first')"
-            )
-        loader = ModelLoader(token=token, **loading)
-
-        def side(spec: str, revision: str | None, layers: Any, part: Part) -> Side:
-            name, revision = parse_model_spec(spec, revision)
-            if is_fingerprint(name, revision, token):
-                return Side(fingerprint=load_fingerprint(name, revision, token), layers=layers)
-            return Side(loaded=loader.load(name, revision), layers=layers, part=part)
-
-        first = side(model_a, revision_a, layers_a, part_a)
-        second = None if model_b is None else side(model_b, revision_b, layers_b, part_b)
-        return cls(first, second, pooling=pooling, token=token)
-
-    @property
-    def comparison(self) -> Any:
-        raise InvalidInputError(
-            "a comparison with a fingerprint has no model pair to stream; call compare()"
-        )
-
-    def compare(
-        self, data: Any = None, options: RunOptions | None = None, **changes: Unpack[RunChanges]
-    ) -> Any:
-        """CKA over ``data`` (default: the data the fingerprint was made from); the options
-        are those of :meth:`AutoCKA.compare` except ``callback``, ``target_stderr`` and
-        ``checkpoint_dir``. Returns a ``CKAResult``."""
-        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
-        if options.pooling != self.pooling:
-            raise InvalidInputError(
-                f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
-                f"the options ask for pooling={options.pooling!r}"
-            )
-        side_b = self.side_a if self.same_model else self.side_b
-        return compare_two_phase(self.side_a, side_b, data, options, self._token)
-
-    def extract_features(self, data: Any = None, *, model: str = "a", **options: Any) -> Any:
-        """Pooled features of one side: extracted for a model, stored for a fingerprint."""
-        side = self.side_a if model == "a" else self.side_b
-        if side.fingerprint is None:
-            assert side.loaded is not None
-            auto = AutoCKA(side.loaded, layers_a=side.layers, pooling=self.pooling)
-            return auto.extract_features(data, **options)
-        indices = side.fingerprint.layer_indices(side.layers)
-        rows = side.fingerprint.batch_features(indices)
-        return {
-            side.layers[k]: torch.cat([batch[k] for batch in rows]) for k in range(len(indices))
-        }

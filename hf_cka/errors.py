@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class HfCkaError(Exception):
@@ -20,7 +20,16 @@ class HfCkaError(Exception):
 
 
 class ModelNotFoundError(HfCkaError, OSError):
-    """A model id, local folder or revision could not be resolved."""
+    """A model id, local folder or revision could not be resolved.
+
+    Attributes:
+        model_id: The Hub repo id or local folder asked for.
+        revision: The revision asked for (None: the default branch, or a local folder).
+    """
+
+    def __init__(self, message: str, *, model_id: str = "", revision: str | None = None) -> None:
+        super().__init__(message)
+        self.model_id, self.revision = model_id, revision
 
 
 class RemoteCodeError(HfCkaError, ValueError):
@@ -32,7 +41,19 @@ class MissingDependencyError(HfCkaError, ImportError):
 
 
 class LayerNotFoundError(HfCkaError, KeyError):
-    """A requested layer name or index does not exist in the model."""
+    """A requested layer name or index does not exist in the model.
+
+    Attributes:
+        layer: The layer name or index asked for (None: no list of blocks was found).
+        available: What could have been asked for instead: the model's module names, its
+            default layers (for an index), or its top-level modules.
+    """
+
+    def __init__(
+        self, message: str, *, layer: str | int | None = None, available: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.layer, self.available = layer, list(available)
 
 
 class LayerNotFiredError(HfCkaError, RuntimeError):

@@ -33,6 +33,7 @@ from .layers import LayerSpec, Part, resolve_layers
 from .models import LoadedModel, ModelLoader
 from .options import DEFAULTS
 from .pooling import check_pooling
+from .provenance import library_versions
 from .shards import BatchStore, ShardFolder, run_key
 
 DEFAULT_BUFFER_BYTES = 1 << 30  # pooled features held at once for sorting by length: 1 GiB
@@ -251,7 +252,7 @@ def extract(
         "sort_by_length": options.sort_by_length,
     }
     model = {
-        **{k.removesuffix("_x"): v for k, v in loaded.provenance("x").items()},
+        **{k.removesuffix("_x"): v for k, v in loaded.provenance().to_dict("x").items()},
         "dtype": loaded.dtype,
         "modality": loaded.modality,
     }
@@ -293,7 +294,7 @@ def extract(
         data=data_provenance(data, info, token),
         model=model,
         features=_joined_features(layers, stores) if options.features else None,
-        metadata={"wall_time_s": time.perf_counter() - started, "versions": _versions()},
+        metadata={"wall_time_s": time.perf_counter() - started, "versions": library_versions()},
     )
 
 
@@ -367,12 +368,6 @@ def _joined_features(
     return {spec: torch.cat([f[j] for f in ordered]) for j, spec in enumerate(layers)}
 
 
-def _versions() -> dict[str, str]:
-    from .auto import _library_versions
-
-    return _library_versions()
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """How to load one model (see :class:`hf_cka.models.ModelLoader`) and which layers to take."""
@@ -403,7 +398,7 @@ def fingerprint_model(
         ShapeMismatchError: the selected layers differ from ``same_layers``.
     """
     from .fingerprint import check_compatible, load_fingerprint
-    from .models import is_fingerprint, parse_model_spec
+    from .model_files import is_fingerprint, parse_model_spec
 
     check_pooling(pooling)
     name, revision = parse_model_spec(source.spec, source.revision)

@@ -34,14 +34,15 @@ from safetensors.torch import load, save
 
 from . import distributed
 from .errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
-from .models import FINGERPRINT_FILE
+from .model_files import FINGERPRINT_FILE
 from .shards import SHARDS_DIR
+from .storage import FINGERPRINT_CARD_FILE as CARD_FILE
+from .storage import FINGERPRINT_TENSORS_FILE as TENSORS_FILE
+from .storage import validate_repo_id
 from .tokens import clean_token
 
 SCHEMA_NAME = "hf_cka.Fingerprint"
 SCHEMA_VERSION = 1
-TENSORS_FILE = "fingerprint.safetensors"
-CARD_FILE = "README.md"
 CARD_TEMPLATE = "fingerprint_card_template.md"
 # settings that must agree for two stores to describe the same CKA batches
 _SAME_SETTINGS = ("pooling", "max_length", "shuffle_seed")
@@ -318,8 +319,6 @@ class Fingerprint:
         """
         from huggingface_hub import CommitOperationAdd, HfApi
 
-        from .storage import validate_repo_id
-
         validate_repo_id(repo_id)
         if not distributed.is_main_process():
             return ""
@@ -356,13 +355,6 @@ class Fingerprint:
         )
         fingerprint.metadata["source"] = repo_id
         return fingerprint
-
-
-def owned_files(folder: Path) -> set[str]:
-    """Names of the entries of ``folder`` that a fingerprint (and its shards) wrote, if any."""
-    if not (folder / FINGERPRINT_FILE).is_file() and not (folder / SHARDS_DIR).is_dir():
-        return set()
-    return {FINGERPRINT_FILE, TENSORS_FILE, CARD_FILE, SHARDS_DIR}
 
 
 def load_fingerprint(

@@ -284,3 +284,23 @@ def unit_scale(x: torch.Tensor) -> torch.Tensor:
     """``x`` times the power of two that brings its largest absolute entry into ``[0.5, 1)``
     (exact in binary floating point; a no-op for an all-zero ``x``)."""
     return scale_by_power_of_two(x, -int(scale_exponent(x.abs().max())))
+
+
+def gram_from_distances(distances: torch.Tensor, kernel: Kernel, threshold: float) -> torch.Tensor:
+    """Gram matrices ``(..., n, n)`` of the features whose squared distances are ``distances``.
+
+    Linear: ``K = -H D H / 2``, the Gram of the column-centred features. RBF:
+    ``K = exp(-D / (2 sigma^2))`` with ``sigma^2 = threshold^2 median(D)`` over the full matrix
+    (diagonal zeros included, as :func:`hf_cka.functional.gram_rbf`), all ones when ``D = 0``.
+    """
+    d = distances.to(torch.float64)
+    if kernel == "linear":
+        return -0.5 * center_gram(d)
+    if kernel != "rbf":
+        raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
+    check_threshold(threshold)
+    grams = []
+    for layer in d.reshape(-1, *d.shape[-2:]):
+        sigma2 = threshold**2 * _median(layer)  # selected on the device, as gram_rbf does
+        grams.append(torch.where(sigma2 == 0, 1.0, torch.exp(-layer / (2.0 * sigma2))))
+    return torch.stack(grams).reshape(d.shape)

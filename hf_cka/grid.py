@@ -26,6 +26,7 @@ from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from .extract import ModelSource, fingerprint_model
 from .fingerprint import Fingerprint
 from .hub import HubRuns
+from .model_files import names_fingerprint
 from .options import RunOptions
 from .result import CKAResult
 from .storage import GRID_FILE, GRID_PLOT_FILE, SCHEMA_VERSION
@@ -307,14 +308,12 @@ def run_grid(
     every pair ``i <= j``."""
     from dataclasses import replace
 
-    from .auto import _names_fingerprint
-
     if len(sources) < 2:
         raise InvalidInputError(f"a grid needs at least 2 models, got {len(sources)}")
     pooling = options.pooling
     opts = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
     # stored fingerprints first: they fix the batches, so a mismatch costs no forward pass
-    stored = [_names_fingerprint(s.spec, s.revision, token) for s in sources]
+    stored = [names_fingerprint(s.spec, s.revision, token) for s in sources]
     order = sorted(range(len(sources)), key=lambda index: not stored[index])
     by_index: dict[int, Fingerprint] = {}
     for index in order:

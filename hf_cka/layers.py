@@ -111,7 +111,8 @@ def find_blocks(model: nn.Module, part: Part = "encoder") -> str:
         children = [name for name, _ in model.named_children()]
         raise LayerNotFoundError(
             f"found no list of transformer blocks in {label}; pass layer names "
-            f"explicitly (top-level modules: {children})"
+            f"explicitly (top-level modules: {children})",
+            available=children,
         )
     # longest list; among equals the outermost (shortest path), then the first registered
     return max(candidates, key=lambda item: (item[1], -item[0].count(".")))[0]
@@ -141,7 +142,7 @@ def default_layers(model: nn.Module, part: Part = "encoder") -> list[str]:
         if not children:
             raise
         return children
-    count = len(model.get_submodule(blocks))
+    count = _block_count(model.get_submodule(blocks))
     return [f"{blocks}.0{INPUT_SUFFIX}"] + [f"{blocks}.{i}" for i in range(count)]
 
 
@@ -176,7 +177,9 @@ def resolve_layers(
                 raise LayerNotFoundError(
                     f"layer index {spec} is out of range for {label}: it has {len(defaults)} "
                     f"default layers (embedding output + blocks), so use -{len(defaults)} to "
-                    f"{len(defaults) - 1}"
+                    f"{len(defaults) - 1}",
+                    layer=spec,
+                    available=defaults,
                 )
             resolved.append(defaults[spec])
             continue
@@ -186,11 +189,22 @@ def resolve_layers(
             )
         path, _ = split_spec(spec)
         if path not in modules or path == "":
-            raise LayerNotFoundError(_unknown_layer_message(path, modules, label, part))
+            raise LayerNotFoundError(
+                _unknown_layer_message(path, modules, label, part),
+                layer=spec,
+                available=[name for name in modules if name],
+            )
         resolved.append(spec)
     if len(set(resolved)) != len(resolved):
         raise InvalidInputError(f"layers must be distinct, got {resolved}")
     return resolved
+
+
+def _block_count(blocks: nn.Module) -> int:
+    """The number of blocks in a block list (an ``nn.ModuleList``, see :func:`find_blocks`)."""
+    if not isinstance(blocks, nn.ModuleList):
+        raise InvalidInputError(f"expected a list of blocks, got a {type(blocks).__name__}")
+    return len(blocks)
 
 
 def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str, part: Part) -> str:
@@ -198,11 +212,11 @@ def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str,
     hint = ""
     match = re.fullmatch(r"(.+)\.(\d+)", path)
     if match and isinstance(modules.get(match.group(1)), nn.ModuleList):
-        size = len(modules[match.group(1)])
+        size = _block_count(modules[match.group(1)])
         hint = f" Did you mean '{match.group(1)}.{size - 1}'? ({match.group(1)} has {size} blocks)"
     try:
         blocks = find_blocks(modules[""], part) if "" in modules else None
-        count = f" ({len(modules[blocks])} blocks)" if blocks else ""
+        count = f" ({_block_count(modules[blocks])} blocks)" if blocks else ""
     except (LayerNotFoundError, InvalidInputError):
         count = ""
     return (

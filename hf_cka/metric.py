@@ -35,37 +35,40 @@ one (exact powers of two again).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
-from typing import Protocol, Self, runtime_checkable
 
 import torch
 
 from .accumulation import (
+    Accumulator,
+    BatchSide,
+    StderrAccumulator,
     check_finite_layers,
+    check_sides,
     common_exponents,
+    compute_quietly,
     constant_layers,
     exponent_header,
     layer_names,
     nan_constant_layers,
     scale_exponents,
     scaled_features,
+    u_centred_with_probes,
     validated_features,
 )
 from .errors import (
-    ConstantLayerWarning,
     InvalidInputError,
     ShapeMismatchError,
 )
-from .functional import (
-    KERNELS,
-    Kernel,
-    _median,
-    center_gram,
-    check_threshold,
-    gram,
-    u_center_gram,
-)
+from .functional import KERNELS, Kernel, check_threshold, gram, gram_from_distances
+
+__all__ = [
+    "Accumulator",
+    "MinibatchCKA",
+    "StderrAccumulator",
+    "check_sides",
+    "compute_quietly",
+]  # the accumulator contract lives in accumulation.py, beside the other shared pieces
 
 _PAIR_STATES = ("c", "ww_c", "ww_cc", "ww_ca", "ww_ce", "ww_ae")
 _A_STATES = ("a", "ww_a", "ww_aa", "raw_a")
@@ -78,58 +81,6 @@ _DEGREES = {
     "ww_ae": (2, 2), "a": (2, 0), "ww_a": (2, 0), "ww_aa": (4, 0), "raw_a": (2, 0),
     "e": (0, 2), "ww_e": (0, 2), "ww_ee": (0, 4), "raw_e": (0, 2),
 }  # fmt: skip
-
-
-@runtime_checkable
-class Accumulator(Protocol):
-    """The contract of every CKA accumulator (:class:`MinibatchCKA`,
-    :class:`~hf_cka.streaming.StreamingLinearCKA`), as the runner, checkpoints and
-    :mod:`~hf_cka.statistics` use them.
-
-    ``update`` adds one batch (one ``(n, d)`` tensor per layer and side); ``compute`` returns the
-    ``(La, Lb)`` float64 CKA matrix; the states are sums over batches, so ``merge`` (two
-    accumulators) and ``sync`` (all processes, through a sum all-reduce) give what sequential
-    updates over all the batches give; ``state_dict``/``load_state_dict`` round-trip them;
-    ``reset`` forgets every batch.
-    """
-
-    self_similarity: bool
-    num_layers_a: int
-    num_layers_b: int
-    layer_names_a: list[str]
-    layer_names_b: list[str]
-
-    @property
-    def n_batches(self) -> int: ...
-
-    @property
-    def n_samples(self) -> int: ...
-
-    def update(
-        self,
-        features_a: Sequence[torch.Tensor],
-        features_b: Sequence[torch.Tensor] | None = None,
-        *,
-        batch_index: int | None = None,
-    ) -> None: ...
-
-    def compute(self) -> torch.Tensor: ...
-
-    def reset(self) -> None: ...
-
-    def merge(self, other: Self) -> Self: ...
-
-    def sync(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None: ...
-
-
-class StderrAccumulator(Accumulator, Protocol):
-    """An :class:`Accumulator` that also gives per-cell standard errors (``compute_stderr``)."""
-
-    def compute_stderr(self) -> torch.Tensor: ...
 
 
 class MinibatchCKA:
@@ -345,34 +296,16 @@ class MinibatchCKA:
             ShapeMismatchError: wrong number of layers or differing sample counts.
         """
         check_sides(self, features_b)
-        where = self.n_batches if batch_index is None else batch_index
         first = not self._scale_fixed  # the first batch fixes the scale exponents of the run
-        feats_a = validated_features(features_a, self.num_layers_a, "A")
-        exps_a = scale_exponents(feats_a) if first else self.exponents_a
-        u_a = self._u_centered(feats_a, exps_a)
-        n = u_a[0].shape[-1]
-        sides = [(self.layer_names_a, feats_a, exps_a)]
-        exps_b = exps_a
-        if features_b is None:
-            u_b = u_a
-        else:
-            feats_b = validated_features(features_b, self.num_layers_b, "B")
-            exps_b = scale_exponents(feats_b) if first else self.exponents_b
-            u_b = self._u_centered(feats_b, exps_b)
-            if u_b[0].shape[-1] != n:
-                raise ShapeMismatchError(
-                    f"model A gave {n} samples in this batch and model B {u_b[0].shape[-1]}; both "
-                    "sides must describe the same samples"
-                )
-            sides.append((self.layer_names_b, feats_b, exps_b))
-
-        def check_finite(*probes: torch.Tensor) -> None:
-            for probe, (names, feats, exps) in zip(probes, sides, strict=True):
-                check_finite_layers(probe, names, where, feats, exps)
-
-        self._accumulate(u_a, u_b, n, check_finite)
-        if first:
-            self._set_exponents(exps_a, exps_b)
+        given = [(features_a, self.num_layers_a, self.layer_names_a, self.exponents_a, "A")]
+        if features_b is not None:
+            given.append((features_b, self.num_layers_b, self.layer_names_b, self.exponents_b, "B"))
+        sides = []
+        for features, num_layers, names, fixed, label in given:
+            feats = validated_features(features, num_layers, label)
+            exps = scale_exponents(feats) if first else fixed
+            sides.append(BatchSide(names, feats, exps, self._u_centered(feats, exps)))
+        self._add_batch(sides, batch_index, first)
 
     def update_from_distances(
         self,
@@ -390,12 +323,11 @@ class MinibatchCKA:
         scale exponents come from ``max sqrt(D)`` (distances scale as the features).
         """
         check_sides(self, distances_b)
-        where = self.n_batches if batch_index is None else batch_index
         first = not self._scale_fixed
         given = [(distances_a, self.num_layers_a, self.layer_names_a, self.exponents_a)]
         if distances_b is not None:
             given.append((distances_b, self.num_layers_b, self.layer_names_b, self.exponents_b))
-        sides, centred = [], []
+        sides = []
         for distances, num_layers, names, fixed in given:
             if distances.dim() != 3 or distances.shape[0] != num_layers:
                 raise ShapeMismatchError(
@@ -404,41 +336,35 @@ class MinibatchCKA:
             layers = list(distances.to(torch.float64))
             exps = scale_exponents([d.sqrt() for d in layers]) if first else fixed
             scaled = torch.stack(scaled_features(layers, 2 * exps))  # D scales as x^2
-            centred.append(self._probed(gram_from_distances(scaled, self.kernel, self.threshold)))
-            sides.append((names, layers, exps))
-        n = distances_a.shape[-1]
-        if distances_b is not None and distances_b.shape[-1] != n:
+            grams = gram_from_distances(scaled, self.kernel, self.threshold)
+            sides.append(BatchSide(names, layers, exps, u_centred_with_probes(grams, self.kernel)))
+        self._add_batch(sides, batch_index, first)
+
+    def _add_batch(self, sides: list[BatchSide], batch_index: int | None, first: bool) -> None:
+        """Accumulate one batch given by one side (self-similarity) or two; the first batch of
+        the run fixes the scale exponents."""
+        where = self.n_batches if batch_index is None else batch_index
+        n = sides[0].centred[0].shape[-1]
+        if sides[-1].centred[0].shape[-1] != n:
             raise ShapeMismatchError(
-                f"side A has {n} samples in this batch and side B {distances_b.shape[-1]}; both "
-                "sides must describe the same samples"
+                f"model A gave {n} samples in this batch and model B "
+                f"{sides[-1].centred[0].shape[-1]}; both sides must describe the same samples"
             )
 
         def check_finite(*probes: torch.Tensor) -> None:
-            for probe, (names, layers, exps) in zip(probes, sides, strict=True):
-                check_finite_layers(probe, names, where, layers, exps)
+            for probe, side in zip(probes, sides, strict=True):
+                check_finite_layers(probe, side.names, where, side.values, side.exponents)
 
-        self._accumulate(centred[0], centred[-1], n, check_finite)
+        self._accumulate(sides[0].centred, sides[-1].centred, n, check_finite)
         if first:
-            self._set_exponents(sides[0][2], sides[-1][2])
+            self._set_exponents(sides[0].exponents, sides[-1].exponents)
 
     def _u_centered(
         self, feats: list[torch.Tensor], exponents: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """U-centred Gram matrices ``(L, n, n)`` of the features scaled by ``2^-exponents`` and
-        per-layer ``(2, L)`` probes: the raw off-diagonal Gram energies and a finiteness probe.
-
-        A NaN or Inf activation of sample ``i`` reaches the linear ``K_ii = ||x_i||^2``, so the
-        probe is the Gram trace; an RBF kernel has ``K_ii = 1`` whatever the distances, so there
-        the probe is the sum of the whole Gram matrix. Nothing is read back to the host here.
-        """
-        return self._probed(self._grams(scaled_features(feats, exponents)))
-
-    def _probed(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U(K)`` of ``(L, n, n)`` Gram matrices and their ``(2, L)`` probes (see
-        :meth:`_u_centered`)."""
-        diagonal = k.diagonal(dim1=-2, dim2=-1)
-        probe = diagonal.sum(-1) if self.kernel == "linear" else k.sum(dim=(-2, -1))
-        return u_center_gram(k), torch.stack((_off_diagonal_energy(k), probe))
+        their ``(2, L)`` probes (:func:`~hf_cka.accumulation.u_centred_with_probes`)."""
+        return u_centred_with_probes(self._grams(scaled_features(feats, exponents)), self.kernel)
 
     def _grams(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """``(L, n, n)`` Gram matrices of column-centred features (one batched product when the
@@ -559,50 +485,3 @@ class MinibatchCKA:
                 f"expected at least {minimum} accumulated batch(es), got {self.n_batches}; "
                 "call update() with more data first"
             )
-
-
-def compute_quietly(accumulator: Accumulator) -> torch.Tensor:
-    """``accumulator.compute()`` without the constant-layer warning, for per-batch progress
-    callbacks (the final result still warns once)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConstantLayerWarning)
-        return accumulator.compute()
-
-
-def check_sides(accumulator: Accumulator, features_b: object) -> None:
-    """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
-    name = type(accumulator).__name__
-    if accumulator.self_similarity and features_b is not None:
-        raise InvalidInputError(
-            "this accumulator measures self-similarity (num_layers_b=None): call update() "
-            f"without features_b, or create {name}(num_layers_a, num_layers_b)"
-        )
-    if not accumulator.self_similarity and features_b is None:
-        raise InvalidInputError(
-            f"expected features_b for {accumulator.num_layers_b} layers of model B, got None"
-        )
-
-
-def gram_from_distances(distances: torch.Tensor, kernel: Kernel, threshold: float) -> torch.Tensor:
-    """Gram matrices ``(..., n, n)`` of the features whose squared distances are ``distances``.
-
-    Linear: ``K = -H D H / 2``, the Gram of the column-centred features. RBF:
-    ``K = exp(-D / (2 sigma^2))`` with ``sigma^2 = threshold^2 median(D)`` over the full matrix
-    (diagonal zeros included, as :func:`hf_cka.functional.gram_rbf`), all ones when ``D = 0``.
-    """
-    d = distances.to(torch.float64)
-    if kernel == "linear":
-        return -0.5 * center_gram(d)
-    if kernel != "rbf":
-        raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
-    check_threshold(threshold)
-    grams = []
-    for layer in d.reshape(-1, *d.shape[-2:]):
-        sigma2 = threshold**2 * _median(layer)  # selected on the device, as gram_rbf does
-        grams.append(torch.where(sigma2 == 0, 1.0, torch.exp(-layer / (2.0 * sigma2))))
-    return torch.stack(grams).reshape(d.shape)
-
-
-def _off_diagonal_energy(k: torch.Tensor) -> torch.Tensor:
-    """``sum_{i != j} K_ij^2`` per Gram matrix: the scale a constant layer is judged against."""
-    return (k * k).sum(dim=(-2, -1)) - (k.diagonal(dim1=-2, dim2=-1) ** 2).sum(-1)

@@ -1,8 +1,9 @@
-"""Model resolution: Hub ids or local folders, revisions pinned to commit shas, dtype, placement.
+"""Model loading: weights at the resolved commit, dtype, placement, adapters and preprocessors.
 
-A model spec is a Hub repo id, a local folder, or ``"repo@revision"`` (branch, tag or commit
-sha). Hub revisions are resolved to a commit sha FIRST and every file is then loaded at that sha,
-so the weights, the tokenizer and the recorded provenance can never disagree.
+:class:`ModelLoader` resolves each spec with :mod:`hf_cka.model_files` (Hub ids or local folders,
+revisions pinned to commit shas, file checks), then loads the model, its tokenizer or image
+processor and any PEFT adapter at that commit, so that the weights, the tokenizer and the
+recorded provenance can never disagree.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,18 +28,21 @@ from .errors import (
     ModelFormatError,
     ModelNotFoundError,
     RemoteCodeError,
-    UnsafeWeightsError,
     WeightsFileError,
-    suggest_paths,
 )
 from .layers import TOWERS, find_blocks
+from .model_files import (
+    ADAPTER_CONFIG,
+    check_model_files,
+    first_line,
+    parse_model_spec,
+    resolve_commit,
+)
+from .provenance import ModelProvenance
 
-ADAPTER_CONFIG = "adapter_config.json"
-FINGERPRINT_FILE = "fingerprint.json"  # marks a per-model store (hf_cka.fingerprint)
-MODEL_CONFIG = "config.json"
-CONFIG_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)  # one of them marks a saved model or adapter
+LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, *NETWORK_ERRORS)
+"""A model that cannot be read from disk or fetched from the Hub."""
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-PICKLE_WEIGHTS = re.compile(r"(pytorch_model.*\.bin(\.index\.json)?|adapter_model\.bin)")
 
 DTYPES = {
     "float32": torch.float32,
@@ -108,7 +110,9 @@ class LoadedModel:
                 needed = "an image processor" if part == "vision" else "a tokenizer"
                 raise ModelNotFoundError(
                     f"the {part} tower of '{self.name}' needs {needed}, but none was saved with "
-                    "the model; save the model's full processor (e.g. CLIPProcessor) next to it"
+                    "the model; save the model's full processor (e.g. CLIPProcessor) next to it",
+                    model_id=self.name,
+                    revision=self.revision,
                 )
             self._towers[part] = dataclasses.replace(
                 self,
@@ -131,61 +135,24 @@ class LoadedModel:
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for a forward pass of this side: its adapter on, or all adapters off."""
         if self.adapter_name is not None:
+            assert self.base is not None and self.base.peft is not None  # set with adapter_name
             self.base.peft.set_adapter(self.adapter_name)
             return contextlib.nullcontext()
         if self.peft is not None:
             return self.peft.disable_adapter()
         return contextlib.nullcontext()
 
-    def provenance(self, suffix: str) -> dict[str, Any]:
-        """Metadata entries (``model_a``, ``revision_a``, ``commit_sha_a`` ... for ``"a"``)."""
-        info = {
-            f"model_{suffix}": self.name,
-            f"revision_{suffix}": self.revision,
-            f"commit_sha_{suffix}": self.commit_sha,
-        }
-        if self.part is not None:
-            info[f"part_{suffix}"] = self.part
-        if self.base is not None:
-            info[f"adapter_{suffix}"] = self.name
-            info[f"base_model_{suffix}"] = self.base.name
-            info[f"base_commit_sha_{suffix}"] = self.base.commit_sha
-        return info
-
-
-def parse_model_spec(spec: str, revision: str | None = None) -> tuple[str, str | None]:
-    """Split ``"repo@revision"``; an explicit ``revision`` wins only if the spec has none.
-
-    A local path that exists is never split (folder names may contain ``@``).
-    """
-    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
-        raise InvalidInputError(f"expected a model id or local folder, got {spec!r}")
-    spec = os.fspath(spec)
-    check_revision(revision, spec)
-    if os.path.exists(spec) or "@" not in spec:
-        return spec, revision
-    name, _, at_revision = spec.rpartition("@")
-    if not name.strip():
-        raise InvalidInputError(
-            f"expected a model id before '@' in '{spec}', got nothing; write 'org/model@revision'"
+    def provenance(self) -> ModelProvenance:
+        """Which weights this side ran: name, revision and commit (and base, for an adapter)."""
+        base = self.base
+        return ModelProvenance(
+            name=self.name,
+            revision=self.revision,
+            commit_sha=self.commit_sha,
+            part=self.part,
+            base_model=None if base is None else base.name,
+            base_commit_sha=None if base is None else base.commit_sha,
         )
-    check_revision(at_revision, spec)
-    if revision is not None and revision != at_revision:
-        raise InvalidInputError(
-            f"got revision {revision!r} and '{spec}' naming revision {at_revision!r}; give one"
-        )
-    return name, at_revision
-
-
-def check_revision(revision: str | None, spec: str) -> None:
-    """Refuse a revision that is empty or not a string (``"repo@"``, ``revision=""``)."""
-    if revision is None or (isinstance(revision, str) and revision.strip()):
-        return
-    raise InvalidInputError(
-        f"a revision may not be empty: expected a branch, tag or commit sha (a string), got "
-        f"revision {revision!r} for '{spec}'; write e.g. 'org/model@main', or give no revision "
-        "for the default branch"
-    )
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
@@ -233,7 +200,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         torch.empty(0, device=resolved)
     except (RuntimeError, AssertionError) as err:  # torch asserts when built without CUDA
         raise DeviceNotAvailableError(
-            f"device '{resolved}' is not available on this machine ({_first_line(err)}); pass "
+            f"device '{resolved}' is not available on this machine ({first_line(err)}); pass "
             f"an available device (e.g. 'cpu'{_visible_gpus()}), or no device to stay on the CPU"
         ) from err
     return resolved
@@ -262,142 +229,6 @@ def check_device_map(device_map: str | dict | None) -> str | dict | None:
 def _visible_gpus() -> str:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return "".join(f", 'cuda:{i}'" for i in range(min(count, 4)))
-
-
-def _status(err: Exception) -> int | None:
-    """HTTP status of a Hub error (``None`` without a response)."""
-    return getattr(getattr(err, "response", None), "status_code", None)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def resolve_commit(
-    name: str, revision: str | None, token: str | bool | None
-) -> tuple[str | None, set[str]]:
-    """Commit sha of ``revision`` of ``name`` and the repo's file names.
-
-    A local folder has no sha (``None``) and lists its own files. When the Hub cannot be
-    reached, a cached model gives the sha and the files of its cached snapshot.
-
-    Raises:
-        ModelNotFoundError: ``name`` is neither a local folder nor a reachable (or cached) Hub
-            repo; the message suggests close local folder names.
-        InvalidInputError: a revision was given for a local folder.
-    """
-    if os.path.isdir(name):
-        if revision is not None:
-            raise InvalidInputError(
-                f"'{name}' is a local folder, which has no revisions, got revision "
-                f"{revision!r}; drop the revision, or name a Hub repo"
-            )
-        return None, set(os.listdir(name))
-    from huggingface_hub import HfApi, try_to_load_from_cache
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import validate_repo_id
-
-    if os.path.exists(name):
-        raise ModelNotFoundError(
-            f"'{name}' is a file; expected a model folder (holding config.json and the weights) "
-            "or a Hub repo id: pass the folder that holds it"
-        )
-    missing = f"no local folder '{name}' (looked for {os.path.abspath(name)})"
-    try:
-        validate_repo_id(name)
-    except HFValidationError as err:  # a path, not an id: never ask the Hub about it
-        raise ModelNotFoundError(
-            f"{missing}, and '{name}' is not a Hub repo id either; check the path."
-            f"{suggest_paths(name, folders_only=True)}"
-        ) from err
-    try:
-        info = HfApi().model_info(name, revision=revision, token=token)
-    except RevisionNotFoundError as err:
-        raise ModelNotFoundError(
-            f"revision {revision!r} not found in model repo '{name}'; pass an existing branch, "
-            "tag or commit sha"
-        ) from err
-    except GatedRepoError as err:
-        raise ModelNotFoundError(
-            f"model repo '{name}' is gated: accept its conditions on its Hub page, then pass "
-            "token=... (--token) of the account that accepted them"
-        ) from err
-    except (RepositoryNotFoundError, HfHubHTTPError) as err:
-        if isinstance(err, RepositoryNotFoundError) or _status(err) == 404:
-            raise ModelNotFoundError(
-                f"{missing} and no model repo '{name}' on the Hub (or it is private: pass "
-                f"token=...); check the path or the id.{suggest_paths(name, folders_only=True)}"
-            ) from err
-        raise ModelNotFoundError(
-            f"the Hub answered HTTP {_status(err)} when looking up model repo '{name}' "
-            f"({_first_line(err)}); check token=... for a private repo, or retry later"
-        ) from err
-    except NETWORK_ERRORS as err:  # offline: the local cache may still hold the model
-        cached = [try_to_load_from_cache(name, f, revision=revision) for f in CONFIG_FILES]
-        snapshot = next((os.path.dirname(c) for c in cached if isinstance(c, str)), None)
-        if snapshot is None:
-            raise ModelNotFoundError(
-                f"{missing}, and the Hub could not be reached ({type(err).__name__}) to look for "
-                f"a model repo '{name}', which is not in the local cache either; check the path, "
-                f"or your network and HF_HUB_OFFLINE.{suggest_paths(name, folders_only=True)}"
-            ) from err
-        commit = os.path.basename(snapshot)  # the cache names each snapshot by its commit sha
-        warnings.warn(
-            f"could not reach the Hub to resolve '{name}' ({type(err).__name__}); loading it "
-            f"from the local cache, at the cached commit {commit}",
-            UserWarning,
-            stacklevel=3,
-        )
-        return commit, set(os.listdir(snapshot))
-    return info.sha, {sibling.rfilename for sibling in info.siblings or []}
-
-
-def check_model_files(name: str, files: set[str], local: bool) -> None:
-    """Refuse, before any weights are read, a model whose files cannot be loaded safely.
-
-    Raises:
-        ModelNotFoundError: no ``config.json`` (not a saved model).
-        UnsafeWeightsError: weights only as pickles (``pytorch_model.bin``): never unpickled.
-        WeightsFileError: a local ``*.safetensors`` file is truncated or damaged.
-    """
-    top = {f for f in files if "/" not in f}
-    where = "folder" if local else "model repo"
-    if not top & set(CONFIG_FILES):
-        raise ModelNotFoundError(
-            f"the {where} '{name}' holds no {MODEL_CONFIG}, so it is not a saved model; expected "
-            "a folder written by model.save_pretrained(folder) (or a model repo id)"
-        )
-    safetensors = sorted(f for f in top if f.endswith(".safetensors"))
-    pickles = sorted(f for f in top if PICKLE_WEIGHTS.fullmatch(f))
-    if not safetensors and pickles:
-        raise UnsafeWeightsError(
-            f"the {where} '{name}' holds its weights only as pickles ({', '.join(pickles)}), "
-            "which hf_cka never unpickles (a pickle can run code); expected model.safetensors: "
-            "if you trust the file, load the model yourself and save it with "
-            "model.save_pretrained(folder, safe_serialization=True), then compare that folder"
-        )
-    for file in safetensors if local else ():
-        _check_safetensors(os.path.join(name, file))
-
-
-def _check_safetensors(path: str) -> None:
-    """Open ``path``'s header (memory-mapped, no tensor read) to catch truncation or damage."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt"):
-            pass
-    except (SafetensorError, OSError) as err:
-        raise WeightsFileError(
-            f"the weights file '{path}' is damaged or truncated ({_first_line(err)}); expected "
-            "a complete safetensors file: download or save the model again"
-        ) from err
 
 
 class ModelLoader:
@@ -469,7 +300,7 @@ class ModelLoader:
             )
         except SafetensorError as err:
             raise WeightsFileError(
-                f"the weights of model '{name}' are damaged or truncated ({_first_line(err)}); "
+                f"the weights of model '{name}' are damaged or truncated ({first_line(err)}); "
                 "expected complete safetensors files: download or save the model again"
             ) from err
         except ValueError as err:
@@ -480,18 +311,22 @@ class ModelLoader:
                     "(--trust-remote-code)"
                 ) from err
             raise ModelFormatError(
-                f"transformers could not build a model from '{name}' ({_first_line(err)}); "
+                f"transformers could not build a model from '{name}' ({first_line(err)}); "
                 "check its config.json (model_type, architectures) and the dtype/device_map given"
             ) from err
-        except (OSError, *NETWORK_ERRORS) as err:
+        except LOAD_ERRORS as err:
             if os.path.isdir(name):
                 raise ModelNotFoundError(
-                    f"could not load the model folder '{name}' ({_first_line(err)}); check its "
-                    "config.json and weights, or save the model again"
+                    f"could not load the model folder '{name}' ({first_line(err)}); check its "
+                    "config.json and weights, or save the model again",
+                    model_id=name,
+                    revision=revision,
                 ) from err
             raise ModelNotFoundError(
                 f"could not load model '{name}' ({err}); check the id, your network or "
-                "HF_HUB_OFFLINE, and that the model is in the local cache when offline"
+                "HF_HUB_OFFLINE, and that the model is in the local cache when offline",
+                model_id=name,
+                revision=revision,
             ) from err
         if self.device is not None:
             model.to(self.device)
@@ -513,29 +348,33 @@ class ModelLoader:
             config = PeftConfig.from_pretrained(name, revision=commit or revision, token=self.token)
         except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
             raise ModelFormatError(
-                f"the {ADAPTER_CONFIG} of adapter '{name}' is unreadable ({_first_line(err)}); "
+                f"the {ADAPTER_CONFIG} of adapter '{name}' is unreadable ({first_line(err)}); "
                 "expected the file peft's save_pretrained writes: save the adapter again"
             ) from err
         if not config.base_model_name_or_path:
             raise ModelNotFoundError(
                 f"adapter '{name}' does not name its base model (base_model_name_or_path in "
-                f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly"
+                f"{ADAPTER_CONFIG}); compare it by passing the base model explicitly",
+                model_id=name,
+                revision=revision,
             )
         try:
             base = self.load(config.base_model_name_or_path, config.revision)
         except ModelNotFoundError as err:
             raise ModelNotFoundError(
                 f"adapter '{name}' names the base model '{config.base_model_name_or_path}' "
-                f"(base_model_name_or_path in its {ADAPTER_CONFIG}), which was not found: {err}"
+                f"(base_model_name_or_path in its {ADAPTER_CONFIG}), which was not found: {err}",
+                model_id=name,
+                revision=revision,
             ) from err
         adapter_name = f"adapter_{len([m for m in self._loaded.values() if m.base is base])}"
-        source = {"revision": commit or revision, "token": self.token}
+        at = commit or revision
         if base.peft is None:
             base.peft = PeftModel.from_pretrained(
-                base.model, name, adapter_name=adapter_name, **source
+                base.model, name, adapter_name=adapter_name, revision=at, token=self.token
             )
         else:
-            base.peft.load_adapter(name, adapter_name=adapter_name, **source)
+            base.peft.load_adapter(name, adapter_name=adapter_name, revision=at, token=self.token)
         base.peft.eval()
         return LoadedModel(
             name=name,
@@ -547,25 +386,6 @@ class ModelLoader:
             adapter_name=adapter_name,
             base=base,
         )
-
-
-def is_fingerprint(spec: Any, revision: str | None = None, token: str | bool | None = None) -> bool:
-    """Whether ``spec`` names a fingerprint (:mod:`hf_cka.fingerprint`) rather than a model: a
-    local folder holding ``fingerprint.json``, or a Hub dataset repo with that file."""
-    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
-        return False
-    if os.path.isdir(spec):
-        return os.path.isfile(os.path.join(spec, FINGERPRINT_FILE))
-    from huggingface_hub import file_exists
-    from huggingface_hub.errors import HFValidationError
-
-    unreachable: tuple[type[BaseException], ...] = (HFValidationError, OSError, *NETWORK_ERRORS)
-    try:
-        return file_exists(
-            str(spec), FINGERPRINT_FILE, repo_type="dataset", revision=revision, token=token
-        )
-    except unreachable:  # not a repo id, or offline
-        return False
 
 
 def load_model(spec: str, *, revision: str | None = None, **options: Any) -> LoadedModel:
@@ -622,14 +442,18 @@ def _load_processor(
         if found["image"] is None and found["text"] is None:
             raise ModelNotFoundError(
                 f"found neither an image processor nor a tokenizer for the two-tower model "
-                f"'{name}'; save its processor (e.g. CLIPProcessor) next to the model"
+                f"'{name}'; save its processor (e.g. CLIPProcessor) next to the model",
+                model_id=name,
+                revision=common.get("revision"),
             )
         return TowerProcessors(found["image"], found["text"])
     try:
         processor = loaders[modality].from_pretrained(name, **common)
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
-            f"found no {labels[modality]} for '{name}' ({err}); save one next to the model"
+            f"found no {labels[modality]} for '{name}' ({err}); save one next to the model",
+            model_id=name,
+            revision=common.get("revision"),
         ) from err
     return prepare_tokenizer(processor) if modality == "text" else processor
 

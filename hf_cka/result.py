@@ -28,6 +28,7 @@ import torch
 from hf_cka import storage
 from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from hf_cka.hub import HubRun, HubRuns
+from hf_cka.provenance import Provenance
 from hf_cka.storage import (
     DEFAULT_LOCAL_ROOT,
     DRIFT_FILE,
@@ -44,7 +45,8 @@ from hf_cka.storage import (
 from hf_cka.stored import (
     DRIFT_KEY,
     Stored,
-    drift_info,
+    as_float64,
+    complete_drift_info,
     drift_run_ids,
     pick_run,
     run_record,
@@ -59,15 +61,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DRIFT_FILE", "DEFAULT_LOCAL_ROOT", "CKAResult", "DriftResult", "new_run_id",
            "validate_repo_id", "validate_run_id"]  # fmt: skip
-
-
-def _as_float64(value: Any, name: str) -> torch.Tensor:
-    """A detached float64 CPU copy of ``value`` (tensor, array or nested list)."""
-    try:
-        tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-        return tensor.to(device="cpu", dtype=torch.float64).clone()
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise InvalidInputError(f"{name} must be a numeric tensor or array; got {value!r}") from err
 
 
 @dataclass(eq=False, repr=False)
@@ -101,7 +94,7 @@ class CKAResult(Stored):
     null: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.matrix = _as_float64(self.matrix, "matrix")
+        self.matrix = as_float64(self.matrix, "matrix")
         self.layers_a = [str(name) for name in self.layers_a]
         self.layers_b = [str(name) for name in self.layers_b]
         self.model_a, self.model_b = str(self.model_a), str(self.model_b)
@@ -113,7 +106,7 @@ class CKAResult(Stored):
             value = getattr(self, name)
             if value is None:
                 continue
-            value = _as_float64(value, name)
+            value = as_float64(value, name)
             if tuple(value.shape) != self.shape:
                 raise ShapeMismatchError(
                     f"{name} has shape {tuple(value.shape)}, expected {self.shape} ="
@@ -148,11 +141,15 @@ class CKAResult(Stored):
     def is_self_comparison(self) -> bool:
         """Whether both sides are the same model, revision, layers, tower and data column (a
         symmetric matrix)."""
-        same_revision = all(
-            self.metadata.get(f"{key}_a") == self.metadata.get(f"{key}_b")
-            for key in ("revision", "commit_sha", "part", "column")
+        provenance = Provenance.from_dict(self.metadata)
+        same_revision = provenance.model_a.same_weights(provenance.model_b)
+        same_column = provenance.data.same_column()
+        return (
+            self.model_a == self.model_b
+            and self.layers_a == self.layers_b
+            and same_revision
+            and same_column
         )
-        return self.model_a == self.model_b and self.layers_a == self.layers_b and same_revision
 
     # ----------------------------------------------------------------------- files
 
@@ -495,15 +492,7 @@ class DriftResult(Stored):
     def _select(cls, runs: HubRuns, wanted: str | None) -> DriftResult:
         wanted, run_ids = drift_run_ids(runs, wanted)
         results = [CKAResult._from_hub_run(runs, run_id) for run_id in run_ids]
-        infos = [drift_info(result.metadata) for result in results]
-        info = infos[0]
-        if info is None or [i["index"] if i else None for i in infos] != list(
-            range(len(info["checkpoints"]))
-        ):
-            raise ResultFormatError(
-                f"{runs.source}: drift {wanted!r} is incomplete: it has {len(results)} of its"
-                f" {len(info['checkpoints']) if info else '?'} checkpoint runs"
-            )
+        info = complete_drift_info(runs.source, wanted, [r.metadata for r in results])
         try:
             return cls(info["base"], info["checkpoints"], results, info["metadata"])
         except (ShapeMismatchError, InvalidInputError) as err:

@@ -24,7 +24,8 @@ import torch
 from . import distributed
 from .capture import Extractor
 from .checkpoint import RunCheckpoint, fingerprint, model_identity
-from .data import PairedColumn, batch_samples, load_samples, same_tokens
+from .data import PairedColumn, batch_samples, load_samples
+from .encoding import same_tokens
 from .errors import InvalidInputError, TokenizerMismatchError
 from .fulldata import FullDataMeasure
 from .measures import estimate_bytes, mutual_knn
@@ -114,7 +115,8 @@ class Accumulated:
 class RunOutcome:
     accumulated: list[Accumulated]
     data_info: dict[str, Any]
-    run_info: dict[str, Any]
+    stopped_early: bool  # the target standard error was reached before the data ran out
+    wall_time_s: float
 
 
 def _chunks(
@@ -310,20 +312,7 @@ def run_comparisons(
     checkpoint.verify()  # also when the checkpoint had already covered every batch
     for accumulator in all_accumulators:
         accumulator.sync(distributed.all_reduce_sum)
-    run_info = {
-        "batch_size": options.batch_size,
-        "max_length": options.max_length,
-        "measure": options.measure,
-        "measure_params": dict(options.measure_params),
-        "kernel": options.kernel,
-        "threshold": options.threshold if options.kernel == "rbf" else None,
-        "sort_by_length": options.sort_by_length,
-        "null_permutations": options.null_permutations,
-        "target_stderr": options.target_stderr,
-        "stopped_early": stopped_early,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    return RunOutcome(accumulated, data_info, run_info)
+    return RunOutcome(accumulated, data_info, stopped_early, time.perf_counter() - started)
 
 
 def check_max_length(models: Iterable[LoadedModel], max_length: int | None) -> None:

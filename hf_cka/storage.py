@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from hf_cka.errors import InvalidInputError, ResultFormatError
+from hf_cka.model_files import FINGERPRINT_FILE
+from hf_cka.shards import SHARDS_DIR
 
 SCHEMA_NAME = "hf_cka.CKAResult"
 DRIFT_SCHEMA_NAME = "hf_cka.DriftResult"
@@ -37,6 +39,8 @@ TENSORS_FILE = "tensors.safetensors"
 DRIFT_FILE = "drift.json"
 GRID_FILE = "grid.json"  # hf_cka.grid.GridResult
 GRID_PLOT_FILE = "grid.png"
+FINGERPRINT_TENSORS_FILE = "fingerprint.safetensors"  # hf_cka.fingerprint.Fingerprint
+FINGERPRINT_CARD_FILE = "README.md"
 DEFAULT_LOCAL_ROOT = Path("cka-results")
 OPTIONAL_TENSORS = ("stderr", "null")
 RUN_ID = re.compile(r"[A-Za-z]\w{0,63}", re.ASCII)
@@ -160,10 +164,8 @@ def json_text(value: Any, what: str) -> str:
 def holds_result(folder: Path) -> bool:
     """Whether ``folder`` holds a saved CKAResult, DriftResult, GridResult or Fingerprint (or
     the shards of an unfinished one)."""
-    from hf_cka.fingerprint import owned_files
-
     indexes = (RESULT_FILE, DRIFT_FILE, GRID_FILE)
-    return any((folder / name).is_file() for name in indexes) or bool(owned_files(folder))
+    return any((folder / name).is_file() for name in indexes) or bool(_fingerprint_files(folder))
 
 
 def _owned_entries(folder: Path) -> set[str]:
@@ -180,9 +182,14 @@ def _owned_entries(folder: Path) -> set[str]:
         return {index, *extras, *(name for name in safe if name not in {".", ".."})}
     if (folder / RESULT_FILE).is_file():
         return {RESULT_FILE, TENSORS_FILE}
-    from hf_cka.fingerprint import owned_files
+    return _fingerprint_files(folder)
 
-    return owned_files(folder)
+
+def _fingerprint_files(folder: Path) -> set[str]:
+    """Names of the entries of ``folder`` that a fingerprint (and its shards) wrote, if any."""
+    if not (folder / FINGERPRINT_FILE).is_file() and not (folder / SHARDS_DIR).is_dir():
+        return set()
+    return {FINGERPRINT_FILE, FINGERPRINT_TENSORS_FILE, FINGERPRINT_CARD_FILE, SHARDS_DIR}
 
 
 @contextmanager

@@ -18,12 +18,21 @@ import torch
 from huggingface_hub import CommitInfo
 
 from hf_cka import hub, storage
-from hf_cka.errors import ResultFormatError, suggest
+from hf_cka.errors import InvalidInputError, ResultFormatError, suggest
 from hf_cka.hub import SCORES_SCHEMA, HubRuns
 from hf_cka.storage import DEFAULT_LOCAL_ROOT, validate_repo_id, validate_run_id
 from hf_cka.tokens import clean_token
 
 _Result = TypeVar("_Result", bound="Stored")
+
+
+def as_float64(value: Any, name: str) -> torch.Tensor:
+    """A detached float64 CPU copy of ``value`` (tensor, array or nested list)."""
+    try:
+        tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        return tensor.to(device="cpu", dtype=torch.float64).clone()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidInputError(f"{name} must be a numeric tensor or array; got {value!r}") from err
 
 
 class Run(Protocol):
@@ -287,6 +296,26 @@ def drift_run_ids(runs: HubRuns, wanted: str | None) -> tuple[str, list[str]]:
             + suggest(wanted, members)
         )
     return wanted, [run_id for _, run_id in sorted(members[wanted])]
+
+
+def complete_drift_info(
+    source: str, drift_id: str, metadata: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The drift membership shared by the runs of drift ``drift_id``, read in order.
+
+    Raises:
+        ResultFormatError: a run lacks its membership, or runs of the drift are missing.
+    """
+    infos = [drift_info(meta) for meta in metadata]
+    info = infos[0]
+    if info is None or [i["index"] if i else None for i in infos] != list(
+        range(len(info["checkpoints"]))
+    ):
+        raise ResultFormatError(
+            f"{source}: drift {drift_id!r} is incomplete: it has {len(metadata)} of its"
+            f" {len(info['checkpoints']) if info else '?'} checkpoint runs"
+        )
+    return info
 
 
 def run_record(

@@ -456,18 +456,20 @@ after_functional = sorted(sys.modules)
 from hf_cka.cli import main
 with contextlib.redirect_stdout(io.StringIO()):
     codes = [main([*command, "--help"]) for command in ([], ["compare"], ["drift"], ["plot"])]
+    codes.append(main(["--version"]))
 print(json.dumps({"functional": after_functional, "help": sorted(sys.modules), "codes": codes}))
 """
 HEAVY = ("matplotlib", "pandas", "pyarrow", "huggingface_hub", "transformers", "datasets")
 
 
 def test_functional_and_help_import_no_heavy_library(tmp_path: Path) -> None:
-    """``import hf_cka.functional`` and ``hf-cka --help`` stay cheap: a fresh interpreter loads
-    none of matplotlib, pandas, pyarrow, huggingface_hub, transformers or datasets for them."""
+    """``import hf_cka.functional``, ``hf-cka --help`` and ``--version`` stay cheap: a fresh
+    interpreter loads none of matplotlib, pandas, pyarrow, huggingface_hub, transformers or
+    datasets for them."""
     proc = run([sys.executable, "-c", LAZY_IMPORTS], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout)
-    assert loaded["codes"] == [0, 0, 0, 0]
+    assert loaded["codes"] == [0, 0, 0, 0, 0]
     for stage in ("functional", "help"):
         heavy = {name.split(".")[0] for name in loaded[stage]} & set(HEAVY)
         assert not heavy, f"{stage} imported {sorted(heavy)}"

@@ -16,14 +16,14 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_cka import MinibatchCKA
-from hf_cka.auto import AutoCKA
-from hf_cka.combine import TwoPhaseCKA, combine
+from hf_cka.auto import AutoCKA, TwoPhaseCKA
+from hf_cka.combine import combine
 from hf_cka.data import batch_samples, probe_corpus
 from hf_cka.errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from hf_cka.extract import batch_distances
 from hf_cka.fingerprint import TENSORS_FILE, Fingerprint, full_matrix, triangle_size
 from hf_cka.functional import squared_distances
-from hf_cka.models import FINGERPRINT_FILE, is_fingerprint
+from hf_cka.model_files import FINGERPRINT_FILE, is_fingerprint
 from hf_cka.options import RunOptions
 
 TEXTS = tiny.varied_texts(45, seed=1)  # batch_size 6: 7 CKA batches, the last of 9 (6 + 3)

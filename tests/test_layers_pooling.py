@@ -261,6 +261,9 @@ def test_unknown_block_suggests_the_closest_valid_one(bert):
     assert "encoder.layer.13" in message
     assert "tiny-bert" in message
     assert "3 blocks" in message
+    assert info.value.layer == "encoder.layer.13"  # the error carries what was asked and the
+    assert "encoder.layer.2" in info.value.available  # candidates, for code that handles it
+    assert "" not in info.value.available
 
 
 def test_unknown_name_is_a_key_error_with_a_suggestion(bert):
@@ -274,8 +277,12 @@ def test_unknown_name_is_a_key_error_with_a_suggestion(bert):
 
 def test_index_out_of_range(bert):
     for index in (4, -5):
-        with pytest.raises(LayerNotFoundError, match=f"index {index} is out of range.*-4 to 3"):
+        with pytest.raises(
+            LayerNotFoundError, match=f"index {index} is out of range.*-4 to 3"
+        ) as info:
             resolve_layers(bert, [index])
+        assert info.value.layer == index
+        assert info.value.available == resolve_layers(bert, "auto")
 
 
 def test_invalid_layer_specs(bert):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -166,11 +167,14 @@ def test_unknown_hub_repo_raises_model_not_found(hub) -> None:
         AutoCKA.from_pretrained(missing)
     assert isinstance(err.value, OSError)
     assert "local folder" in str(err.value)  # says what was expected and what to check
+    assert (err.value.model_id, err.value.revision) == (missing, None)
+    assert pickle.loads(pickle.dumps(err.value)).model_id == missing  # crosses processes whole
 
 
 def test_unknown_revision_raises_model_not_found(hub_models) -> None:
-    with pytest.raises(ModelNotFoundError, match="'no-such-tag'"):
+    with pytest.raises(ModelNotFoundError, match="'no-such-tag'") as err:
         AutoCKA.from_pretrained(f"{hub_models['a']}@no-such-tag")
+    assert (err.value.model_id, err.value.revision) == (hub_models["a"], "no-such-tag")
 
 
 def test_a_cached_hub_model_loads_offline_with_one_warning(hub_models) -> None:

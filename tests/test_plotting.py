@@ -16,10 +16,8 @@ from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from hf_cka.errors import InvalidInputError, ShapeMismatchError  # noqa: E402
+from hf_cka.plot_style import NAN_COLOR, short_labels, tick_positions  # noqa: E402
 from hf_cka.plotting import (  # noqa: E402
-    NAN_COLOR,
-    _short_labels,
-    _tick_positions,
     plot_cka_comparison,
     plot_cka_heatmap,
     plot_cka_trend,
@@ -166,20 +164,20 @@ def test_heatmap_rejects_wrong_number_of_layer_names():
 
 
 def test_short_labels_keep_the_end_and_stay_unique():
-    assert _short_labels(["embeddings", "encoder.layer.11"]) == ["embeddings", "layer.11"]
+    assert short_labels(["embeddings", "encoder.layer.11"]) == ["embeddings", "layer.11"]
     # the embedding output as default_layers records it reads as layers.display_name says
-    assert _short_labels(["encoder.layer.0:input", "encoder.layer.0"]) == ["embeddings", "layer.0"]
+    assert short_labels(["encoder.layer.0:input", "encoder.layer.0"]) == ["embeddings", "layer.0"]
     clash = ["encoder.layer.0.output", "decoder.layer.0.output"]
-    assert _short_labels(clash) == ["encoder.layer.0.output", "decoder.layer.0.output"]
-    assert _short_labels(["a.b.c.d", "a.x.c.d"]) == ["b.c.d", "x.c.d"]
-    long = _short_labels(["x." + "y" * 40])[0]
+    assert short_labels(clash) == ["encoder.layer.0.output", "decoder.layer.0.output"]
+    assert short_labels(["a.b.c.d", "a.x.c.d"]) == ["b.c.d", "x.c.d"]
+    long = short_labels(["x." + "y" * 40])[0]
     assert long.startswith("…") and len(long) == 22 and long.endswith("y")
 
 
 @pytest.mark.parametrize("max_ticks", [2, 5, 24])
 def test_tick_positions_are_thinned_and_keep_both_ends(max_ticks):
     for n in range(1, 120):
-        ticks = _tick_positions(n, max_ticks)
+        ticks = tick_positions(n, max_ticks)
         assert len(ticks) <= max_ticks and ticks == sorted(set(ticks))
         assert ticks[0] == 0 and ticks[-1] == n - 1
         if n <= max_ticks:

@@ -29,8 +29,14 @@ def make_result(seed: int, la: int = 3, lb: int = 4, **metadata: object) -> CKAR
         [f"encoder.layer.{j}" for j in range(lb)],
         "org/base",
         f"org/finetuned-{seed}",
-        {"pooling": "mean", "estimator": "minibatch_unbiased", "revision_b": "main",
-         "commit_sha_b": "c" * 40, "n_samples": 128, **metadata},
+        {
+            "pooling": "mean",
+            "estimator": "minibatch_unbiased",
+            "revision_b": "main",
+            "commit_sha_b": "c" * 40,
+            "n_samples": 128,
+            **metadata,
+        },
         stderr=torch.rand(la, lb, generator=gen, dtype=torch.float64),
         null=torch.rand(la, lb, generator=gen, dtype=torch.float64) / 100,
     )
@@ -43,7 +49,11 @@ def assert_same(a: CKAResult, b: CKAResult) -> None:
         assert torch.equal(x.view(torch.int64), y.view(torch.int64)), name  # bit-identical
     assert a.metadata == b.metadata
     assert (a.layers_a, a.layers_b, a.model_a, a.model_b) == (
-        b.layers_a, b.layers_b, b.model_a, b.model_b)
+        b.layers_a,
+        b.layers_b,
+        b.model_a,
+        b.model_b,
+    )
 
 
 def repo_files(hub, repo_id: str) -> dict[str, bytes]:
@@ -77,8 +87,11 @@ def test_two_pushes_accumulate_runs(hub, repo_id: str, tmp_path: Path) -> None:
 
     files = repo_files(hub, repo_id)
     for run in (first, second):
-        assert {f"data/scores/{run.run_id}.parquet", f"data/runs/{run.run_id}.parquet",
-                f"plots/{run.run_id}.png"} <= set(files)
+        assert {
+            f"data/scores/{run.run_id}.parquet",
+            f"data/runs/{run.run_id}.parquet",
+            f"plots/{run.run_id}.png",
+        } <= set(files)
         assert files[f"plots/{run.run_id}.png"].startswith(b"\x89PNG")
     readme = files["README.md"].decode()
     for run in (first, second):
@@ -137,8 +150,9 @@ def test_token_is_never_written(hub, repo_id: str, tmp_path: Path) -> None:
     result = make_result(8)
     result.push_to_hub(repo_id, token=hub.token, local_dir=tmp_path / "local")
     snapshot = Path(snapshot_download(repo_id, repo_type="dataset", local_dir=tmp_path / "snap"))
-    written = [p for folder in (snapshot, tmp_path / "local") for p in folder.rglob("*")
-               if p.is_file()]
+    written = [
+        p for folder in (snapshot, tmp_path / "local") for p in folder.rglob("*") if p.is_file()
+    ]
     assert len(written) >= 6
     for path in written:
         assert hub.token.encode() not in path.read_bytes(), path
@@ -207,7 +221,8 @@ def test_push_and_latest_cost_the_same_at_run_2_and_run_20(hub, repo_id: str, tm
     for seed in range(20):
         start = len(hub.requests)
         make_result(100 + seed, created_at=f"2026-01-01T00:00:{seed:02d}+00:00").push_to_hub(
-            repo_id, local_dir=tmp_path / str(seed))
+            repo_id, local_dir=tmp_path / str(seed)
+        )
         costs[seed + 1] = downloads(hub, repo_id, start)
     assert 1 <= costs[20] <= costs[2], costs  # the index, not every earlier run
     start = len(hub.requests)
@@ -227,8 +242,12 @@ def test_a_repo_without_the_index_still_loads_and_gets_one(hub, repo_id: str, tm
     assert sorted(index["runs"]) == sorted([old.run_id, new.run_id])
     assert old.run_id.replace("_", r"\_") in repo_files(hub, repo_id)["README.md"].decode()
     for garbage in (b"[1, 2]", b"{not json"):  # a damaged index is read around, not trusted
-        HfApi().upload_file(path_or_fileobj=garbage, path_in_repo="hf_cka_index.json",
-                            repo_id=repo_id, repo_type="dataset")
+        HfApi().upload_file(
+            path_or_fileobj=garbage,
+            path_in_repo="hf_cka_index.json",
+            repo_id=repo_id,
+            repo_type="dataset",
+        )
         assert_same(CKAResult.from_hub(repo_id), new)
 
 

@@ -229,8 +229,14 @@ def test_compare_runs_in_eval_mode_and_restores_train_mode(folders) -> None:
 def make_result(seed: int) -> CKAResult:
     gen = torch.Generator().manual_seed(seed)
     layers = ["h.0", "h.1", "h.2"]
-    return CKAResult(torch.rand(3, 3, generator=gen, dtype=torch.float64), layers, layers,
-                     "org/base", f"org/ckpt-{seed}", {"pooling": "mean"})
+    return CKAResult(
+        torch.rand(3, 3, generator=gen, dtype=torch.float64),
+        layers,
+        layers,
+        "org/base",
+        f"org/ckpt-{seed}",
+        {"pooling": "mean"},
+    )
 
 
 def test_a_push_to_an_unreachable_hub_is_retried_then_keeps_the_local_copy(
@@ -241,9 +247,10 @@ def test_a_push_to_an_unreachable_hub_is_retried_then_keeps_the_local_copy(
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
     result, local = make_result(1), tmp_path / "kept"
-    with caplog.at_level(logging.WARNING, logger="hf_cka.hub"), pytest.raises(
-        HubPushError, match=r"after 3 attempt\(s\)"
-    ) as caught:
+    with (
+        caplog.at_level(logging.WARNING, logger="hf_cka.hub"),
+        pytest.raises(HubPushError, match=r"after 3 attempt\(s\)") as caught,
+    ):
         result.push_to_hub("someone/unreachable", local_dir=local, max_attempts=3, backoff_s=0.01)
     assert caplog.text.count("network error") == 2  # two retries, then the error
     assert isinstance(caught.value, OSError)
@@ -277,8 +284,13 @@ def test_two_processes_pushing_to_one_repo_both_land(hub, tmp_path: Path) -> Non
     env = subprocess_env()  # HF_ENDPOINT, HF_TOKEN and HF_HOME point at the loopback Hub
     locals_ = [str(tmp_path / f"run{i}") for i in (1, 2)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", PUSH, repo_id, str(i), local, str(go)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", PUSH, repo_id, str(i), local, str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i, local in zip((1, 2), locals_, strict=True)
     ]
     try:
@@ -371,21 +383,32 @@ def test_from_hub_validates_what_it_downloads(hub, tmp_path: Path) -> None:
         return table.set_column(table.schema.get_field_index(name), name, pa.array(values))
 
     corruptions = {
-        "a run id that climbs out of the repo": (runs_path, swap(runs, "run_id", ["../../escape"]),
-                                                 "holds run '../../escape'"),
+        "a run id that climbs out of the repo": (
+            runs_path,
+            swap(runs, "run_id", ["../../escape"]),
+            "holds run '../../escape'",
+        ),
         "a missing column": (runs_path, runs.drop_columns(["metadata_json"]), "metadata_json"),
-        "metadata that is not JSON": (runs_path, swap(runs, "metadata_json", ["{oops"]),
-                                      "not valid JSON"),
+        "metadata that is not JSON": (
+            runs_path,
+            swap(runs, "metadata_json", ["{oops"]),
+            "not valid JSON",
+        ),
         "scores of the wrong type": (scores_path, swap(scores, "cka", ["x"] * 9), "wrong type"),
     }
     api = HfApi()
     for case, (path, table, match) in corruptions.items():
-        api.upload_file(path_or_fileobj=parquet_bytes(table), path_in_repo=path, repo_id=repo_id,
-                        repo_type="dataset")
+        api.upload_file(
+            path_or_fileobj=parquet_bytes(table),
+            path_in_repo=path,
+            repo_id=repo_id,
+            repo_type="dataset",
+        )
         with pytest.raises(ResultFormatError, match=re.escape(match)):
             CKAResult.from_hub(repo_id)
-        api.upload_file(path_or_fileobj=pristine[path], path_in_repo=path, repo_id=repo_id,
-                        repo_type="dataset")
+        api.upload_file(
+            path_or_fileobj=pristine[path], path_in_repo=path, repo_id=repo_id, repo_type="dataset"
+        )
         assert torch.equal(CKAResult.from_hub(repo_id).matrix, result.matrix), case
     with pytest.raises(InvalidInputError, match="invalid run id"):
         CKAResult.from_hub(repo_id, "../escape")
@@ -410,13 +433,15 @@ def test_the_token_never_leaks_from_a_compare_or_a_push(
     result.push_to_hub(dataset, token=SECRET, local_dir=tmp_path / "pushed")
     hub.fail_next(50, 500, match=dataset)
     with pytest.raises(HubPushError) as push_failure:
-        result.push_to_hub(dataset, token=SECRET, local_dir=tmp_path / "kept", max_attempts=2,
-                           backoff_s=0.01)
+        result.push_to_hub(
+            dataset, token=SECRET, local_dir=tmp_path / "kept", max_attempts=2, backoff_s=0.01
+        )
     with pytest.raises(ModelNotFoundError) as load_failure:
         AutoCKA.from_pretrained(f"{user}/no-such-model-{tag}", token=SECRET)
 
-    sent = [r.path for r in hub.requests[start:]
-            if r.headers.get("authorization") == f"Bearer {SECRET}"]
+    sent = [
+        r.path for r in hub.requests[start:] if r.headers.get("authorization") == f"Bearer {SECRET}"
+    ]
     assert any(models["bert"] in path for path in sent)  # the token was really used
     out, err = capfd.readouterr()
     texts = {
@@ -425,8 +450,10 @@ def test_the_token_never_leaks_from_a_compare_or_a_push(
         "logs": caplog.text,
         "stdout": out,
         "stderr": err,
-        **{f"exception {e.typename}": "".join(traceback.format_exception(e.value))
-           for e in (push_failure, load_failure)},
+        **{
+            f"exception {e.typename}": "".join(traceback.format_exception(e.value))
+            for e in (push_failure, load_failure)
+        },
     }
     for where, text in texts.items():
         assert SECRET not in text, where

@@ -38,8 +38,13 @@ def make_result(
     gen = torch.Generator().manual_seed(seed)
     matrix = torch.rand(la, lb, generator=gen, dtype=torch.float64)
     matrix[0, -1] = float("nan")  # an undefined cell is legitimate
-    meta = {"pooling": "mean", "estimator": "minibatch_unbiased", "n_samples": 64,
-            "versions": {"torch": torch.__version__}, **metadata}
+    meta = {
+        "pooling": "mean",
+        "estimator": "minibatch_unbiased",
+        "n_samples": 64,
+        "versions": {"torch": torch.__version__},
+        **metadata,
+    }
     return CKAResult(
         matrix,
         layers or [f"encoder.layer.{i}" for i in range(la)],
@@ -83,8 +88,13 @@ def test_post_init_converts_to_float64_cpu_and_fills_identity() -> None:
     ],
 )
 def test_post_init_rejects_shape_mismatches(kwargs: dict, match: str) -> None:
-    args = {"matrix": torch.zeros(3, 4), "layers_a": list("abc"), "layers_b": list("wxyz"),
-            "model_a": "m", "model_b": "n"} | kwargs
+    args = {
+        "matrix": torch.zeros(3, 4),
+        "layers_a": list("abc"),
+        "layers_b": list("wxyz"),
+        "model_a": "m",
+        "model_b": "n",
+    } | kwargs
     with pytest.raises(ShapeMismatchError, match=match):
         CKAResult(**args)
 
@@ -105,8 +115,9 @@ def test_run_id_validation() -> None:
 def test_is_self_comparison_needs_same_model_revision_and_layers() -> None:
     same = make_result(la=3, lb=3, model_a="m", model_b="m")
     assert same.is_self_comparison
-    assert not make_result(la=3, lb=3, model_a="m", model_b="m", revision_a="v1",
-                           revision_b="v2").is_self_comparison
+    assert not make_result(
+        la=3, lb=3, model_a="m", model_b="m", revision_a="v1", revision_b="v2"
+    ).is_self_comparison
     assert not make_result(la=3, lb=3).is_self_comparison
 
 
@@ -126,7 +137,10 @@ def test_save_load_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert loaded.metadata == result.metadata
     assert (loaded.layers_a, loaded.layers_b) == (result.layers_a, result.layers_b)
     assert (loaded.model_a, loaded.model_b, loaded.run_id) == (
-        result.model_a, result.model_b, result.run_id)
+        result.model_a,
+        result.model_b,
+        result.run_id,
+    )
     assert siblings(path) == ["run"]  # no staging folder left behind
 
 
@@ -198,22 +212,36 @@ def _edit_json(path: Path, edit) -> None:
         (lambda p: (p / "tensors.safetensors").unlink(), r"tensors\.safetensors: file not found"),
         (lambda p: (p / "result.json").write_text("{not json"), r"result\.json: not valid JSON"),
         (lambda p: (p / "result.json").write_text("[1, 2]"), "expected a JSON object"),
-        (lambda p: _edit_json(p, lambda d: d.update(schema_version=99)),
-         "unsupported schema_version 99.*newer hf_cka"),
+        (
+            lambda p: _edit_json(p, lambda d: d.update(schema_version=99)),
+            "unsupported schema_version 99.*newer hf_cka",
+        ),
         (lambda p: _edit_json(p, lambda d: d.update(schema="other")), "expected schema"),
         (lambda p: _edit_json(p, lambda d: d.pop("model_b")), "missing required key 'model_b'"),
         (lambda p: _edit_json(p, lambda d: d.update(layers_a="abc")), "'layers_a' must be list"),
         (lambda p: _edit_json(p, lambda d: d.update(layers_b=[1, 2, 3, 4])), "list of strings"),
-        (lambda p: _edit_json(p, lambda d: d["layers_a"].pop()),
-         r"tensor 'matrix' is torch.float64 \(3, 4\), expected torch.float64 \(2, 4\)"),
-        (lambda p: _edit_json(p, lambda d: d["metadata"].update(run_id="../../etc")),
-         "invalid run id"),
-        (lambda p: save_file({"matrix": torch.zeros(3, 4)}, p / "tensors.safetensors"),
-         r"tensor 'matrix' is torch.float32"),
-        (lambda p: save_file({"stderr": torch.zeros(3, 4, dtype=torch.float64)},
-                             p / "tensors.safetensors"), "missing tensor 'matrix'"),
-        (lambda p: (p / "tensors.safetensors").write_bytes(b"\x00garbage"),
-         "not a readable safetensors file"),
+        (
+            lambda p: _edit_json(p, lambda d: d["layers_a"].pop()),
+            r"tensor 'matrix' is torch.float64 \(3, 4\), expected torch.float64 \(2, 4\)",
+        ),
+        (
+            lambda p: _edit_json(p, lambda d: d["metadata"].update(run_id="../../etc")),
+            "invalid run id",
+        ),
+        (
+            lambda p: save_file({"matrix": torch.zeros(3, 4)}, p / "tensors.safetensors"),
+            r"tensor 'matrix' is torch.float32",
+        ),
+        (
+            lambda p: save_file(
+                {"stderr": torch.zeros(3, 4, dtype=torch.float64)}, p / "tensors.safetensors"
+            ),
+            "missing tensor 'matrix'",
+        ),
+        (
+            lambda p: (p / "tensors.safetensors").write_bytes(b"\x00garbage"),
+            "not a readable safetensors file",
+        ),
     ],
 )
 def test_load_rejects_malformed_folders(tmp_path: Path, corrupt, match: str) -> None:
@@ -237,8 +265,18 @@ def test_push_to_an_invalid_repo_id_fails_before_saving(tmp_path: Path, monkeypa
 def test_to_pandas_long_format() -> None:
     result = make_result(la=3, lb=4, stderr=True, null=False)
     frame = result.to_pandas()
-    assert list(frame.columns) == ["run_id", "model_a", "model_b", "layer_a", "layer_b",
-                                   "index_a", "index_b", "cka", "stderr", "null"]
+    assert list(frame.columns) == [
+        "run_id",
+        "model_a",
+        "model_b",
+        "layer_a",
+        "layer_b",
+        "index_a",
+        "index_b",
+        "cka",
+        "stderr",
+        "null",
+    ]
     assert len(frame) == 12 and set(frame["run_id"]) == {result.run_id}
     row = frame[(frame.index_a == 2) & (frame.index_b == 1)].iloc[0]
     assert row.layer_a == "encoder.layer.2" and row.layer_b == "encoder.layer.1"
@@ -286,7 +324,9 @@ def test_card_declares_configs_and_lists_runs() -> None:
     card = render_dataset_card("me/cka-results", _runs(second, first))
     meta = _front_matter(str(card))
     assert {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]} == {
-        "scores": "data/scores/*.parquet", "runs": "data/runs/*.parquet"}
+        "scores": "data/scores/*.parquet",
+        "runs": "data/runs/*.parquet",
+    }
     assert {"cka", "representational-similarity", "hf-cka"} <= set(meta["tags"])
     assert DatasetCard(str(card)).data.configs == meta["configs"]
     body = card.text
@@ -300,8 +340,12 @@ def test_card_declares_configs_and_lists_runs() -> None:
 
 
 def test_card_renders_user_strings_as_data() -> None:
-    evil = make_result(model_a=INJECTION, dataset="d|x\n# h", run_id="r_evil",
-                       created_at="2026-11-28T17:44:55+00:00")
+    evil = make_result(
+        model_a=INJECTION,
+        dataset="d|x\n# h",
+        run_id="r_evil",
+        created_at="2026-11-28T17:44:55+00:00",
+    )
     content = str(render_dataset_card("me/cka-results", _runs(evil)))
     _front_matter(content)  # still exactly one, parseable, front matter
     assert "{{ 7*7 }}" not in content and "49" not in content  # never evaluated
@@ -327,8 +371,12 @@ def test_card_rejects_bad_input() -> None:
 
 def make_drift(k: int = 3, stderr: bool = True) -> DriftResult:
     layers = [f"h.{i}" for i in range(4)]
-    results = [make_result(seed=s, la=4, lb=4, layers=layers, stderr=stderr,
-                           model_a="base", model_b=f"ckpt-{s}") for s in range(k)]
+    results = [
+        make_result(
+            seed=s, la=4, lb=4, layers=layers, stderr=stderr, model_a="base", model_b=f"ckpt-{s}"
+        )
+        for s in range(k)
+    ]
     return DriftResult("base", [f"ckpt-{s}" for s in range(k)], results, {"note": "x"})
 
 
@@ -336,8 +384,9 @@ def test_drift_similarity_is_the_same_layer_diagonal() -> None:
     drift = make_drift(k=3)
     assert drift.similarity.shape == (4, 3) and drift.similarity.dtype == torch.float64
     for c, result in enumerate(drift.results):
-        assert_bit_identical(drift.similarity[:, c].contiguous(),
-                             result.matrix.diagonal().contiguous())
+        assert_bit_identical(
+            drift.similarity[:, c].contiguous(), result.matrix.diagonal().contiguous()
+        )
     assert drift.stderr is not None and drift.stderr.shape == (4, 3)
     assert make_drift(stderr=False).stderr is None
     frame = drift.to_pandas()
@@ -429,6 +478,9 @@ def test_saved_files_share_one_mode(tmp_path: Path) -> None:
         path = make_drift(k=2).save(tmp_path / "drift")
     finally:
         os.umask(old)
-    modes = {p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in path.rglob("*") if p.is_file()}
+    modes = {
+        p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in path.rglob("*")
+        if p.is_file()
+    }
     assert len(modes) == 5 and set(modes.values()) == {0o644}, modes

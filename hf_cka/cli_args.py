@@ -1,0 +1,423 @@
+"""The pieces of the ``hf-cka`` argument parser: constants, argument types and the option groups
+that its commands share (:func:`add_loading`, :func:`add_data`, :func:`add_estimator`,
+:func:`add_measure`, :func:`add_output`, :func:`add_layer_choice`, :func:`add_store_options`,
+:func:`add_store_output`). :func:`hf_cka.cli.build_parser` assembles them with the help texts of
+:mod:`hf_cka.cli_help`.
+
+Nothing heavy is imported here: ``hf-cka --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from typing import Any, NoReturn, get_args
+
+import torch
+
+from .data import MIN_BATCH
+from .functional import Kernel
+from .layers import Part
+from .measures import Measure
+from .options import DEFAULTS, RunOptions
+from .pooling import Pooling
+from .streaming import Estimator
+from .tokens import clean_token
+
+PROG = "hf-cka"
+HEATMAP_FILE = "heatmap.png"
+DRIFT_PLOT_FILE = "drift.png"
+DPI = 150
+MAX_DPI = 1200  # 300-600 is print quality; far more makes images no viewer or printer can use
+SUMMARY_WIDTH = 86  # values beside labels of up to 12 characters fit in 100 columns
+PARTS = get_args(Part)
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+RUN_OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(RunOptions))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; wider option column than the default."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are ONE line ``hf-cka: error: ...`` (status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def layer_list(text: str) -> str | list[str | int]:
+    """``"auto"`` or comma-separated layer names and integer indices (``"0,-1"``)."""
+    if text.strip() == "auto":
+        return "auto"
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(
+            "expected 'auto' or comma-separated layer names or indices, e.g. '0,-1'"
+        )
+    return [int(item) if re.fullmatch(r"[+-]?\d+", item) else item for item in items]
+
+
+def _int(text: str) -> int:
+    """An integer; its range is checked by :class:`~hf_cka.options.RunOptions`."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _max_length(text: str) -> int | None:
+    """A token count, or ``none`` for the model's own limit."""
+    return None if text.strip().lower() == "none" else _int(text)
+
+
+def dpi_value(text: str) -> int:
+    """A resolution between 1 and :data:`MAX_DPI` dots per inch."""
+    value = _int(text)
+    if not 1 <= value <= MAX_DPI:
+        raise argparse.ArgumentTypeError(f"expected a resolution from 1 to {MAX_DPI}, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device torch knows and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps`` ...)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; expected cpu, cuda, cuda:N, mps, xpu ..."
+        ) from None
+    if device.type == "cpu":
+        return text
+    backend = getattr(torch.backends, device.type, None) if device.type == "mps" else None
+    module = backend or getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    if not callable(available) or not available():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has no {device.type} device that torch can use; use cpu, or"
+            " install a torch build for that device"
+        )
+    count = getattr(module, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {count()} {device.type} device(s), numbered from 0"
+        )
+    return text
+
+
+def colormap_name(name: str) -> str:
+    """A matplotlib colour map name (matplotlib is imported only when plotting)."""
+    from matplotlib import colormaps
+
+    from .errors import suggest
+
+    if name not in colormaps:
+        raise argparse.ArgumentTypeError(
+            f"unknown colour map {name!r}; expected a matplotlib colour map such as magma,"
+            f" viridis or RdBu_r.{suggest(name, list(colormaps))}"
+        )
+    return name
+
+
+def _device_map(text: str) -> str | dict[str, Any]:
+    """``auto``/``balanced``/... or a JSON object mapping module names to devices."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not a valid JSON object ({err})") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"\": 0}'")
+    return value
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def add_loading(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("loading")
+    group.add_argument(
+        "--dtype",
+        metavar="DTYPE",
+        help="load the weights in this dtype: float32, bfloat16, float16, float64, auto (default:"
+        " the checkpoint's own dtype); CKA is accumulated in float64 whatever it is",
+    )
+    group.add_argument(
+        "--device", type=_device, help="device to run on, e.g. cpu, cuda, cuda:1, mps"
+    )
+    group.add_argument(
+        "--device-map",
+        type=_device_map,
+        metavar="MAP",
+        help="spread big models over devices with accelerate: 'auto', 'balanced' or a JSON map"
+        " (exclusive with --device)",
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow models that ship their own Python code to run it (review it first)",
+    )
+    group.add_argument(
+        "--token",
+        type=clean_token,
+        help="Hub token for private or gated repos (default: your saved login or HF_TOKEN);"
+        " never printed or saved",
+    )
+
+
+def add_data(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        metavar="ID_OR_PATH",
+        help="Hub dataset id or local csv/tsv/json/jsonl/parquet/txt file or folder"
+        " (default: the built-in probe corpus)",
+    )
+    group.add_argument("--dataset-config", metavar="NAME", help="Hub dataset configuration")
+    group.add_argument("--split", help="dataset split (default: train, or the first one)")
+    group.add_argument(
+        "--text-column",
+        default=DEFAULTS.text_column,
+        metavar="NAME",
+        help=f"column holding the texts (default: {DEFAULTS.text_column}); image columns are"
+        " found automatically",
+    )
+    for side, other in (("a", "b"), ("b", "a")):
+        group.add_argument(
+            f"--column-{side}",
+            metavar="NAME",
+            help=f"paired data: the column model {side.upper()} reads (with --column-{other}),"
+            " e.g. --column-a image --column-b caption; replaces --text-column",
+        )
+    group.add_argument(
+        "--num-samples", type=_int, metavar="N", help="use at most N samples (default: all)"
+    )
+    group.add_argument(
+        "--batch-size",
+        type=_int,
+        default=DEFAULTS.batch_size,
+        metavar="N",
+        help=f"samples per CKA minibatch, at least {MIN_BATCH}; also the forward batch size"
+        f" (default: {DEFAULTS.batch_size})",
+    )
+    group.add_argument(
+        "--max-length",
+        type=_max_length,
+        default=DEFAULTS.max_length,
+        metavar="N",
+        help=f"truncate texts to N tokens; 'none' for the model's limit (default:"
+        f" {DEFAULTS.max_length})",
+    )
+    group.add_argument(
+        "--no-sort",
+        dest="sort_by_length",
+        action="store_false",
+        help="do not sort texts by length before the forward passes (slower; the same result"
+        " up to float rounding, see docs/distributed.md)",
+    )
+    group.add_argument(
+        "--chunk-batches",
+        type=_int,
+        default=DEFAULTS.chunk_batches,
+        metavar="N",
+        help=f"CKA batches sorted by length together (default: {DEFAULTS.chunk_batches})",
+    )
+
+
+def add_estimator(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("estimator")
+    group.add_argument(
+        "--pooling",
+        choices=get_args(Pooling),
+        default=DEFAULTS.pooling,
+        help="how token activations become one vector per example; padding never counts"
+        f" (default: {DEFAULTS.pooling}). 'tokens' makes every token a sample (identical"
+        " tokenizers only)",
+    )
+    group.add_argument(
+        "--kernel",
+        choices=get_args(Kernel),
+        default=DEFAULTS.kernel,
+        help=f"CKA kernel (default: {DEFAULTS.kernel})",
+    )
+    group.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULTS.threshold,
+        metavar="X",
+        help="RBF bandwidth factor: sigma = X times the median distance (default:"
+        f" {DEFAULTS.threshold})",
+    )
+    group.add_argument(
+        "--estimator",
+        choices=get_args(Estimator),
+        default=DEFAULTS.estimator,
+        help="minibatch: Nguyen et al., with standard errors (default); linear / debiased: exact"
+        " full-data linear CKA streamed with d_a x d_b memory per layer pair",
+    )
+    group.add_argument(
+        "--null-permutations",
+        type=_int,
+        default=DEFAULTS.null_permutations,
+        metavar="K",
+        help="also compute CKA with B's samples shuffled K times per batch: the chance level"
+        f" for this data size, saved as result.null (default: {DEFAULTS.null_permutations}, off)",
+    )
+    group.add_argument(
+        "--seed",
+        type=_int,
+        default=DEFAULTS.seed,
+        help=f"seed of the permutations (default: {DEFAULTS.seed})",
+    )
+    group.add_argument(
+        "--target-stderr",
+        type=float,
+        metavar="SE",
+        help="stop early once every cell's standard error is below SE (default: use all data)",
+    )
+
+
+def add_measure(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("measure")
+    group.add_argument(
+        "--measure",
+        choices=get_args(Measure),
+        default=DEFAULTS.measure,
+        help="similarity measure (default: cka); the others hold the pooled features of every"
+        " layer (bounded by --max-bytes) and give no standard errors",
+    )
+    group.add_argument(
+        "--measure-param",
+        dest="measure_params",
+        action=_MeasureParam,
+        default={},
+        metavar="NAME=VALUE",
+        help="a parameter of the measure, repeatable: k=10 (mutual_knn), keep=0.99 (svcca),"
+        " distance=euclidean (rsa)",
+    )
+
+
+class _MeasureParam(argparse.Action):
+    """Collects ``NAME=VALUE`` pairs into a dict; values read as int, float, else string."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        value: Any,
+        option_string: str | None = None,
+    ) -> None:
+        name, sep, text = str(value).partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentError(self, f"expected NAME=VALUE such as k=10, got {value!r}")
+        params = dict(getattr(namespace, self.dest) or {})
+        params[name.strip()] = _scalar(text.strip())
+        setattr(namespace, self.dest, params)
+
+
+def _scalar(text: str) -> int | float | str:
+    """``"10"`` -> 10, ``"0.99"`` -> 0.99, anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--output",
+        "-o",
+        metavar="DIR",
+        help=f"folder to write the result and {plot_file} to: new, empty or holding an earlier"
+        " result; checked before any model is loaded (default: a new folder"
+        " ./cka-results/<run id>/)",
+    )
+    group.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="also publish the result as a Hub dataset (created if missing; runs accumulate)",
+    )
+    group.add_argument(
+        "--private", action="store_true", help="make a newly created Hub dataset private"
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (for logs and CI)",
+    )
+    group.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="save the running sums in DIR every --checkpoint-every batches and when"
+        " interrupted; the same command run again resumes from them",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=_int,
+        default=DEFAULTS.checkpoint_every,
+        metavar="N",
+        help=f"batches between checkpoints (default: {DEFAULTS.checkpoint_every})",
+    )
+
+
+def add_layer_choice(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--layers",
+        type=layer_list,
+        default="auto",
+        metavar="LAYERS",
+        help="layers: 'auto' (default) or comma-separated names/indices such as 0,-1",
+    )
+    group.add_argument(
+        "--part",
+        choices=PARTS,
+        default="encoder",
+        help="which stack of encoder-decoder models to use (default: encoder)",
+    )
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("store")
+    group.add_argument(
+        "--shuffle-seed",
+        type=int,
+        metavar="SEED",
+        help="form the CKA batches after shuffling the samples with this seed (default: data"
+        " order)",
+    )
+    group.add_argument(
+        "--features",
+        action="store_true",
+        help="also store the pooled features (needed by --estimator linear/debiased)",
+    )
+
+
+def add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", "-o", metavar="DIR", help=f"folder to write {what} to")
+    group.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="also publish it as a Hub dataset (one commit)"
+    )
+    group.add_argument(
+        "--private", action="store_true", help="make a newly created Hub dataset private"
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (for logs and CI)",
+    )
