@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--part",
         choices=PARTS,
         default="encoder",
-        help="which stack of encoder-decoder models to use (default: encoder)",
+        help="stack (encoder, decoder) or tower (vision, text) to use (default: encoder)",
     )
     add_loading(drift)
     add_data(drift)

@@ -386,7 +386,7 @@ def add_layer_choice(group: argparse._ArgumentGroup) -> None:
         "--part",
         choices=PARTS,
         default="encoder",
-        help="which stack of encoder-decoder models to use (default: encoder)",
+        help="stack (encoder, decoder) or tower (vision, text) to use (default: encoder)",
     )
 
 
