@@ -36,32 +36,40 @@ def compare_all(
     results = []
     for comparison, accumulated in zip(comparisons, outcome.accumulated, strict=True):
         metric = accumulated.metric
-        cka = options.measure == "cka"
         provenance = Provenance(
             model_a=comparison.model_a.provenance(),
             model_b=comparison.model_b.provenance(),
             dtype=dtype_label(comparison.model_a.dtype, comparison.model_b.dtype),
             pooling=options.pooling,
-            estimator=ESTIMATOR_LABELS[options.estimator] if cka else None,
             data=DataProvenance.from_dict(outcome.data_info),
             n_samples=metric.n_samples,
             n_batches=metric.n_batches,
             num_processes=distributed.num_processes(),
             batch_size=options.batch_size,
             max_length=options.max_length,
-            measure=options.measure,
-            measure_params=dict(options.measure_params),
-            kernel=options.kernel,
-            threshold=options.threshold if options.kernel == "rbf" else None,
             sort_by_length=options.sort_by_length,
-            null_permutations=options.null_permutations,
             target_stderr=options.target_stderr,
             stopped_early=outcome.stopped_early,
             wall_time_s=outcome.wall_time_s,
             versions=versions,
+            **measure_fields(options),
         )
         results.append(to_result(accumulated, comparison.layers_a, comparison.layers_b, provenance))
     return results
+
+
+def measure_fields(options: RunOptions) -> dict[str, Any]:
+    """The :class:`~hf_cka.provenance.Provenance` fields that ``options`` fix for what is
+    computed from the features: the measure, CKA's estimator and kernel, and the nulls."""
+    cka = options.measure == "cka"
+    return {
+        "estimator": ESTIMATOR_LABELS[options.estimator] if cka else None,
+        "measure": options.measure,
+        "measure_params": dict(options.measure_params),
+        "kernel": options.kernel,
+        "threshold": options.threshold if options.kernel == "rbf" else None,
+        "null_permutations": options.null_permutations,
+    }
 
 
 def to_result(

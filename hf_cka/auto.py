@@ -10,6 +10,7 @@ extracts the model side alone and combines the stores (:mod:`hf_cka.combine`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +19,20 @@ from typing_extensions import Unpack
 
 from .assembly import compare_all, drift_result
 from .data import load_samples
-from .errors import InvalidInputError, ShapeMismatchError, TokenizerMismatchError
-from .layers import LayerSpec, Part, resolve_layers
+from .errors import InvalidInputError, ShapeMismatchError
+from .layers import LayerSpec, Part, check_some_layers, resolve_layers
 from .model_files import names_fingerprint
 from .models import LoadedModel, ModelLoader
-from .options import DEFAULTS, MIN_MAX_LENGTH, RunChanges, RunOptions, check_int
-from .pooling import Pooling, check_pooling
+from .options import (
+    DEFAULTS,
+    MIN_MAX_LENGTH,
+    ModelRunChanges,
+    RunChanges,
+    RunOptions,
+    check_int,
+    split_changes,
+)
+from .pooling import Pooling, check_pooling, check_same_tokenizer
 from .runner import Comparison, Extractor, check_max_length
 from .tokens import clean_token
 
@@ -52,7 +61,7 @@ class AutoCKA:
         part_b: Part = "encoder",
         token: str | bool | None = None,
     ) -> None:
-        _check_some_layers(layers_a=layers_a, layers_b=layers_b)
+        check_some_layers(layers_a=layers_a, layers_b=layers_b)
         # part "vision"/"text" of a two-tower model (CLIP): that tower alone, on its processor
         self.model_a = model_a.tower(part_a)
         self.model_b = (model_b if model_b is not None else model_a).tower(part_b)
@@ -67,7 +76,7 @@ class AutoCKA:
         )
         self._token = token  # for downloads only; never stored in results, files or repr
         if pooling == "tokens" and not self.same_model:
-            self._check_same_tokenizer()
+            check_same_tokenizer(self.model_a, self.model_b)
 
     def __repr__(self) -> str:
         return (
@@ -114,7 +123,7 @@ class AutoCKA:
             InvalidInputError: an empty layer list or an unknown pooling, before any download.
         """
         check_pooling(pooling)
-        _check_some_layers(layers_a=layers_a, layers_b=layers_b)
+        check_some_layers(layers_a=layers_a, layers_b=layers_b)
         loader = ModelLoader(
             dtype=dtype,
             device=device,
@@ -142,17 +151,6 @@ class AutoCKA:
             part_b=part_b,
             token=token,
         )
-
-    def _check_same_tokenizer(self) -> None:
-        tok_a, tok_b = self.model_a.processor, self.model_b.processor
-        if self.model_a.modality != "text" or self.model_b.modality != "text":
-            raise TokenizerMismatchError("pooling='tokens' needs two text models")
-        if tok_a.get_vocab() != tok_b.get_vocab():
-            raise TokenizerMismatchError(
-                f"pooling='tokens' makes every token a sample, so both models must tokenize "
-                f"identically; '{self.model_a.name}' and '{self.model_b.name}' have different "
-                "vocabularies: use pooling='mean' (or 'last', 'max', 'first')"
-            )
 
     @property
     def comparison(self) -> Comparison:
@@ -193,6 +191,12 @@ class AutoCKA:
             FullDataMemoryError: a full-data measure whose features would exceed ``max_bytes``
                 (checked before any forward pass when the data size is known).
         """
+        options = self._run_options(options, changes)
+        (result,) = compare_all([self.comparison], data, options, self._token)
+        return result
+
+    def _run_options(self, options: RunOptions | None, changes: RunChanges) -> RunOptions:
+        """``options`` (default: the defaults with this object's pooling) with ``changes``."""
         options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
         if options.pooling != self.pooling:
             raise InvalidInputError(
@@ -200,8 +204,7 @@ class AutoCKA:
                 f"the options ask for pooling={options.pooling!r}; give the options "
                 f"pooling={self.pooling!r}, or from_pretrained pooling={options.pooling!r}"
             )
-        (result,) = compare_all([self.comparison], data, options, self._token)
-        return result
+        return options
 
     @classmethod
     def drift(
@@ -213,14 +216,10 @@ class AutoCKA:
         revision: str | None = None,
         layers: str | Sequence[LayerSpec] = "auto",
         part: Part = "encoder",
-        dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        device_map: str | dict | None = None,
-        trust_remote_code: bool = False,
         token: str | bool | None = None,
         one_model_at_a_time: bool = True,
         options: RunOptions | None = None,
-        **changes: Unpack[RunChanges],
+        **changes: Unpack[ModelRunChanges],
     ) -> DriftResult:
         """CKA of a base model against each of several checkpoints; returns a ``DriftResult``.
 
@@ -229,51 +228,35 @@ class AutoCKA:
         is in memory at a time: the base is extracted once, then each checkpoint is loaded,
         extracted, freed and combined with the base (k + 1 forward-pass sets). With
         ``one_model_at_a_time=False`` all models are loaded together and the data streams once
-        (adapters then share one copy of the base weights). ``options`` and ``changes`` are
-        those of :meth:`compare` (``pooling``, ``batch_size``, ``num_samples`` ...), validated
-        before any model is loaded.
+        (adapters then share one copy of the base weights). ``changes`` are how each model is
+        loaded (``dtype``, ``device``, ``device_map``, ``trust_remote_code``, as in
+        :meth:`from_pretrained`) and the options of :meth:`compare` (``pooling``,
+        ``batch_size``, ``num_samples`` ...), validated before any model is loaded.
         """
         if isinstance(checkpoints, str) or not checkpoints:
             raise InvalidInputError(
                 f"expected a non-empty list of checkpoints, got {checkpoints!r}"
             )
-        options = (options or DEFAULTS).replace(**changes)
-        _check_some_layers(layers=layers)
+        loading, run_changes = split_changes(changes)
+        options = (options or DEFAULTS).replace(**run_changes)
+        check_some_layers(layers=layers)
+        specs = [(base, revision), *((checkpoint, None) for checkpoint in checkpoints)]
         if one_model_at_a_time:
             from .combine import drift_one_at_a_time
             from .extract import ModelSource
 
-            loading = {"dtype": dtype, "device": device, "device_map": device_map,
-                       "trust_remote_code": trust_remote_code}  # fmt: skip
-            sources = [
-                ModelSource(spec, rev, layers, part, loading)
-                for spec, rev in [(base, revision), *((c, None) for c in checkpoints)]
-            ]
+            sources = [ModelSource(spec, rev, layers, part, loading) for spec, rev in specs]
             results = drift_one_at_a_time(
                 sources[0], sources[1:], data, options, clean_token(token)
             )
             return drift_result(base, list(checkpoints), results)
-        loader = ModelLoader(
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            token=clean_token(token),
-        )
-        base_model = loader.load(base, revision)
+        loader = ModelLoader(**loading, token=clean_token(token))
+        base_model, *models = (loader.load(spec, rev) for spec, rev in specs)
         comparisons = [
-            cls(
-                base_model,
-                loader.load(checkpoint),
-                layers_a=layers,
-                layers_b=layers,
-                pooling=options.pooling,
-                part_a=part,
-                part_b=part,
-                token=token,
-            ).comparison
-            for checkpoint in checkpoints
-        ]
+            cls(base_model, model, layers_a=layers, layers_b=layers, pooling=options.pooling,
+                part_a=part, part_b=part, token=token).comparison
+            for model in models
+        ]  # fmt: skip
         for comparison in comparisons:  # drift reads same-layer CKA: fail before any forward
             if comparison.layers_a != comparison.layers_b:
                 raise ShapeMismatchError(
@@ -295,47 +278,37 @@ class AutoCKA:
         part: Part = "encoder",
         shuffle_seed: int | None = None,
         features: bool = False,
-        dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        device_map: str | dict | None = None,
-        trust_remote_code: bool = False,
         token: str | bool | None = None,
         shards_dir: str | Path | None = None,
         options: RunOptions | None = None,
-        **changes: Unpack[RunChanges],
+        **changes: Unpack[ModelRunChanges],
     ) -> Fingerprint:
         """Run ONE model over ``data`` and return its :class:`~hf_cka.fingerprint.Fingerprint`.
 
         The store holds, per layer and CKA batch, the float64 squared distances of the pooled
-        features (and the features themselves with ``features=True``), the batch composition
-        and sample digests and the model's provenance; ``save``/``push_to_hub`` it and compare
+        features (and the features themselves with ``features=True``, which the exact
+        estimators and the measures other than CKA read), the batch composition and sample
+        digests and the model's provenance; ``save``/``push_to_hub`` it and compare
         any model with it later (``AutoCKA.from_pretrained(folder_or_repo, other)``) without
         this model. Batches are those of :meth:`compare` (``batch_size`` consecutive samples),
         after a fixed shuffle of the samples when ``shuffle_seed`` is given. The model is freed
-        before returning. ``options``/``changes``: the data and extraction fields of
-        :class:`~hf_cka.options.RunOptions` (``pooling``, ``batch_size``, ``max_length``,
-        ``num_samples`` ...); the other arguments are those of :meth:`from_pretrained`.
+        before returning. ``changes``: how the model is loaded (``dtype``, ``device``,
+        ``device_map``, ``trust_remote_code``, as in :meth:`from_pretrained`) and the data and
+        extraction fields of :class:`~hf_cka.options.RunOptions` (``pooling``, ``batch_size``,
+        ``max_length``, ``num_samples``, ``text_column`` ...).
         Under several processes each extracts its share of the batches; with ``shards_dir``
         each writes its finished batches there as shards and a rerun skips complete ones
         (:mod:`hf_cka.shards`).
         """
-        from dataclasses import replace
+        from .combine import extraction_sources
+        from .extract import fingerprint_model
 
-        from .combine import extract_options
-        from .extract import ModelSource, fingerprint_model
-
-        options = (options or DEFAULTS).replace(**changes)
-        _check_some_layers(layers=layers)
-        loading = {"dtype": dtype, "device": device, "device_map": device_map,
-                   "trust_remote_code": trust_remote_code}  # fmt: skip
-        extraction = replace(
-            extract_options(options, features=features),
-            shuffle_seed=shuffle_seed,
-            shards_dir=shards_dir,
+        source, options, extraction = extraction_sources(
+            [(model, revision)], layers, part, features, shuffle_seed, options, changes
         )
-        source = ModelSource(model, revision, layers, part, loading)
+        extraction = replace(extraction, shards_dir=shards_dir)
         return fingerprint_model(
-            source, data, options.pooling, extraction, token=clean_token(token)
+            source[0], data, options.pooling, extraction, token=clean_token(token)
         )
 
     @classmethod
@@ -348,34 +321,28 @@ class AutoCKA:
         part: Part = "encoder",
         shuffle_seed: int | None = None,
         features: bool = False,
-        dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        device_map: str | dict | None = None,
-        trust_remote_code: bool = False,
         token: str | bool | None = None,
         options: RunOptions | None = None,
-        **changes: Unpack[RunChanges],
+        **changes: Unpack[ModelRunChanges],
     ) -> GridResult:
-        """CKA between every pair of ``models``; returns a :class:`~hf_cka.grid.GridResult`.
+        """CKA (or another ``measure``) between every pair of ``models``; a
+        :class:`~hf_cka.grid.GridResult`.
 
         Each model (Hub id, folder, ``"repo@revision"``, adapter or fingerprint) is loaded,
         extracted ONCE and freed before the next: N models cost N models' forward passes and
-        one model's memory. ``options``/``changes`` are those of :meth:`compare`.
+        one model's memory. ``changes`` are those of :meth:`drift`; every model reads the same
+        column (``text_column``), so ``column_a``/``column_b`` are refused.
         """
-        from .extract import ModelSource
+        from .combine import extraction_sources
         from .grid import run_grid
 
         if isinstance(models, str):
             raise InvalidInputError(f"expected a list of models, got the string {models!r}")
-        options = (options or DEFAULTS).replace(**changes)
-        _check_some_layers(layers=layers)
-        loading = {"dtype": dtype, "device": device, "device_map": device_map,
-                   "trust_remote_code": trust_remote_code}  # fmt: skip
-        sources = [ModelSource(model, None, layers, part, loading) for model in models]
-        return run_grid(
-            sources, data, options, shuffle_seed=shuffle_seed, features=features,
-            token=clean_token(token),
-        )  # fmt: skip
+        specs = [(model, None) for model in models]
+        sources, options, extraction = extraction_sources(
+            specs, layers, part, features, shuffle_seed, options, changes
+        )
+        return run_grid(sources, data, options, extraction, token=clean_token(token))
 
     def extract_features(
         self,
@@ -423,16 +390,6 @@ class AutoCKA:
             return extractor.all_features(samples, batch_size, max_length, sort_by_length)
 
 
-def _check_some_layers(**layer_lists: str | Sequence[LayerSpec]) -> None:
-    """Refuse an empty layer list (``layers_a=[]``) before any model is loaded."""
-    for name, layers in layer_lists.items():
-        if not isinstance(layers, str) and len(layers) == 0:
-            raise InvalidInputError(
-                f"expected at least one layer in {name}, got an empty list; pass 'auto' (the "
-                "embedding output and every block), module names or indices such as [0, -1]"
-            )
-
-
 class TwoPhaseCKA(AutoCKA):
     """An :class:`~hf_cka.AutoCKA` with a fingerprint on one side (or both).
 
@@ -473,12 +430,7 @@ class TwoPhaseCKA(AutoCKA):
         ``checkpoint_dir``. Returns a ``CKAResult``."""
         from .combine import compare_two_phase
 
-        options = (options or RunOptions(pooling=self.pooling)).replace(**changes)
-        if options.pooling != self.pooling:
-            raise InvalidInputError(
-                f"this AutoCKA pools with pooling={self.pooling!r} (set by from_pretrained) but "
-                f"the options ask for pooling={options.pooling!r}"
-            )
+        options = self._run_options(options, changes)
         side_b = self.side_a if self.same_model else self.side_b
         return compare_two_phase(self.side_a, side_b, data, options, self._token)
 
@@ -489,8 +441,4 @@ class TwoPhaseCKA(AutoCKA):
             assert side.loaded is not None
             auto = AutoCKA(side.loaded, layers_a=side.layers, pooling=self.pooling)
             return auto.extract_features(data, **options)
-        indices = side.fingerprint.layer_indices(side.layers)
-        rows = side.fingerprint.batch_features(indices)
-        return {
-            side.layers[k]: torch.cat([batch[k] for batch in rows]) for k in range(len(indices))
-        }
+        return side.fingerprint.layer_features(side.layers)

@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading(grid)
     add_data(grid)
     add_estimator(grid)
+    add_measure(grid)
     add_store_options(grid)
     add_store_output(grid, "the grid (grid.json, one folder per pair, grid.png)")
 

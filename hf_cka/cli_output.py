@@ -297,5 +297,5 @@ def grid_summary(grid: Any, folder: Path, url: str | None) -> str:
     footer = [("saved to", f"{folder}/ (grid.json, one folder per pair, {GRID_PLOT_FILE})")]
     if url:
         footer.append(("pushed to", url))
-    title = "mean over the layers of [i] of their best CKA in [j]:"
+    title = f"mean over the layers of [i] of their best {grid.measure_label} in [j]:"
     return "\n".join([_table(rows), "", title, *summary, "", _table(footer)])

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from .assembly import dtype_label, to_result
+from .assembly import dtype_label, measure_fields, to_result
 from .errors import InvalidInputError
 from .extract import ExtractOptions, ModelSource, extract, fingerprint_model
 from .fingerprint import Fingerprint, check_compatible, check_settings, load_fingerprint
-from .layers import LayerSpec, Part, resolve_layers
+from .layers import LayerSpec, Part, check_some_layers, resolve_layers
 from .metric import MinibatchCKA
 from .model_files import is_fingerprint, parse_model_spec
 from .models import LoadedModel, ModelLoader
-from .options import RunOptions
+from .options import DEFAULTS, ModelRunChanges, RunOptions, split_changes
 from .provenance import (
-    ESTIMATOR_LABELS,
     DataProvenance,
     ModelProvenance,
     Provenance,
@@ -47,6 +47,14 @@ def extract_options(options: RunOptions, *, features: bool = False) -> ExtractOp
                 f"fingerprint (or one model at a time) does not use; drop {name} (or, for a "
                 "drift, pass one_model_at_a_time=False / --all-models-at-once)"
             )
+    if options.paired:
+        raise InvalidInputError(
+            f"column_a={options.column_a!r} and column_b={options.column_b!r} pair two columns "
+            "of the same rows in the single-stream compare, which holds both models; a "
+            "fingerprint, a grid or a one-model-at-a-time drift reads ONE column for every "
+            "model: pass text_column=... (--text-column), or compare the pair with "
+            "AutoCKA.from_pretrained(model_a, model_b).compare(data, column_a=..., column_b=...)"
+        )
     return ExtractOptions(
         batch_size=options.batch_size,
         max_length=options.max_length,
@@ -56,9 +64,28 @@ def extract_options(options: RunOptions, *, features: bool = False) -> ExtractOp
         split=options.split,
         sort_by_length=options.sort_by_length,
         chunk_batches=options.chunk_batches,
-        features=features or options.estimator != "minibatch",
+        features=features or options.estimator != "minibatch" or options.measure != "cka",
         progress=options.progress,
     )
+
+
+def extraction_sources(
+    specs: Sequence[tuple[str, str | None]],
+    layers: str | Sequence[LayerSpec],
+    part: Part,
+    features: bool,
+    shuffle_seed: int | None,
+    options: RunOptions | None,
+    changes: ModelRunChanges,
+) -> tuple[list[ModelSource], RunOptions, ExtractOptions]:
+    """The sources, options and extraction options of ``fingerprint`` and ``grid``, validated
+    (paired columns and the single-stream options refused) before any model is loaded."""
+    loading, run_changes = split_changes(changes)
+    options = (options or DEFAULTS).replace(**run_changes)
+    check_some_layers(layers=layers)
+    extraction = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
+    sources = [ModelSource(spec, revision, layers, part, loading) for spec, revision in specs]
+    return sources, options, extraction
 
 
 def combine(
@@ -95,6 +122,8 @@ def combine(
             layer_names_a=names_a,
             layer_names_b=names_b,
             max_bytes=options.max_bytes,
+            measure=options.measure,
+            measure_params=options.measure_params,
         )
 
     accumulated = Accumulated(
@@ -122,19 +151,13 @@ def combine(
         model_b=_model_provenance(b),
         dtype=dtype_label(a.model.get("dtype"), b.model.get("dtype")),
         pooling=a.settings.get("pooling"),
-        estimator=ESTIMATOR_LABELS[options.estimator],
         data=DataProvenance.from_dict(a.data),
         n_samples=metric.n_samples,
         n_batches=metric.n_batches,
         num_processes=1,
         batch_size=a.settings.get("batch_size"),
         max_length=a.settings.get("max_length"),
-        measure="cka",
-        measure_params={},
-        kernel=options.kernel,
-        threshold=options.threshold if options.kernel == "rbf" else None,
         sort_by_length=a.settings.get("sort_by_length"),
-        null_permutations=options.null_permutations,
         target_stderr=None,
         stopped_early=False,
         shuffle_seed=a.settings.get("shuffle_seed"),
@@ -142,6 +165,7 @@ def combine(
         two_phase=True,
         wall_time_s=time.perf_counter() - started + extraction_s,
         versions=library_versions(),
+        **measure_fields(options),
     )
     return to_result(accumulated, names_a, names_b, provenance)
 
@@ -269,8 +293,6 @@ def compare_two_phase(
 
 
 def _with_shuffle(options: ExtractOptions, reference: Fingerprint) -> ExtractOptions:
-    from dataclasses import replace
-
     return replace(options, shuffle_seed=reference.settings.get("shuffle_seed"))
 
 

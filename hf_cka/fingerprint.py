@@ -160,7 +160,8 @@ class Fingerprint:
         if self.features is None:
             raise InvalidInputError(
                 f"the fingerprint of '{self.name}' holds no pooled features, which the exact "
-                "estimators need; make it with features=True or use estimator='minibatch'"
+                "estimators and the measures other than CKA need; make it with features=True "
+                "(--features), or use estimator='minibatch' and measure='cka'"
             )
         columns = [self.features[self.layers[i]] for i in layers]
         out, start = [], 0
@@ -168,6 +169,16 @@ class Fingerprint:
             out.append([f[start : start + n] for f in columns])
             start += n
         return out
+
+    def layer_features(self, layers: str | Sequence[Any] = "auto") -> dict[str, torch.Tensor]:
+        """The stored ``(n, d)`` features of ``layers`` over all samples, in batch order.
+
+        Raises:
+            InvalidInputError: the fingerprint was made without ``features=True``.
+        """
+        indices = self.layer_indices(layers)
+        rows = self.batch_features(indices)
+        return {self.layers[i]: torch.cat([b[k] for b in rows]) for k, i in enumerate(indices)}
 
     def layer_indices(self, layers: str | Sequence[Any] = "auto") -> list[int]:
         """Indices of ``layers`` (``"auto"``: all; else stored names or integer indices).

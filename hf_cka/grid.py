@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import storage
-from .combine import combine, extract_options, reference_data
+from .combine import combine, reference_data
 from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
-from .extract import ModelSource, fingerprint_model
+from .extract import ExtractOptions, ModelSource, fingerprint_model
 from .fingerprint import Fingerprint
 from .hub import HubRuns
 from .model_files import names_fingerprint
@@ -134,6 +134,14 @@ class GridResult(Stored):
             dtype=torch.float64,
         )
 
+    @property
+    def measure_label(self) -> str:
+        """How plots name the grid's measure (``"CKA"``, ``"mutual k-NN"`` ...)."""
+        from .measures import MEASURE_LABELS
+
+        measure = self.metadata.get("measure") or "cka"
+        return MEASURE_LABELS.get(measure, measure)
+
     def order(self) -> list[int]:
         """The models in the leaf order of average-linkage clustering of ``1 - sym(summary)``."""
         from scipy.cluster.hierarchy import leaves_list
@@ -166,7 +174,9 @@ class GridResult(Stored):
         top.set_axis_off()
         order = [int(i) for i in tree["leaves"]]
         matrix = self.summary[order][:, order].numpy()
-        image = ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        measure = self.measure_label
+        vmin = -1.0 if self.metadata.get("measure") == "rsa" else 0.0  # RSA is a correlation
+        image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=1.0, aspect="auto")
         labels = [self.models[i] for i in order]
         ax.set_xticks(range(n), labels, rotation=45, ha="right")
         ax.set_yticks(range(n), labels)
@@ -179,8 +189,8 @@ class GridResult(Stored):
                     ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
                             color="black" if value > 0.6 else "white")  # fmt: skip
         bar = fig.add_subplot(grid[1, 1])
-        fig.colorbar(image, cax=bar, label="mean best-layer CKA")
-        top.set_title("CKA grid: models clustered by mean best-layer CKA")
+        fig.colorbar(image, cax=bar, label=f"mean best-layer {measure}")
+        top.set_title(f"models clustered by mean best-layer {measure}")
         return fig, (top, ax)
 
     # ----------------------------------------------------------------------- files and Hub
@@ -299,19 +309,17 @@ def run_grid(
     sources: Sequence[ModelSource],
     data: Any,
     options: RunOptions,
+    extraction: ExtractOptions,
     *,
-    shuffle_seed: int | None = None,
-    features: bool = False,
     token: str | bool | None = None,
 ) -> GridResult:
-    """Extract each model once (one in memory at a time; fingerprints are loaded) and combine
-    every pair ``i <= j``."""
+    """Extract each model once with ``extraction`` (one in memory at a time; fingerprints are
+    loaded) and combine every pair ``i <= j`` with ``options``."""
     from dataclasses import replace
 
     if len(sources) < 2:
         raise InvalidInputError(f"a grid needs at least 2 models, got {len(sources)}")
-    pooling = options.pooling
-    opts = replace(extract_options(options, features=features), shuffle_seed=shuffle_seed)
+    pooling, opts = options.pooling, extraction
     # stored fingerprints first: they fix the batches, so a mismatch costs no forward pass
     stored = [names_fingerprint(s.spec, s.revision, token) for s in sources]
     order = sorted(range(len(sources)), key=lambda index: not stored[index])
@@ -336,9 +344,9 @@ def run_grid(
         for j in range(i, n)
     }
     first = results[0, 1].metadata
-    keep = ("pooling", "estimator", "dataset", "dataset_config", "split", "n_samples",
-            "n_batches", "batch_size", "max_length", "shuffle_seed", "samples_digest",
-            "versions")  # fmt: skip
+    keep = ("pooling", "estimator", "measure", "measure_params", "dataset", "dataset_config",
+            "split", "n_samples", "n_batches", "batch_size", "max_length", "shuffle_seed",
+            "samples_digest", "versions")  # fmt: skip
     return GridResult(
         models=[source.spec for source in sources],
         results=results,

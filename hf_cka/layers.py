@@ -223,3 +223,13 @@ def _unknown_layer_message(path: str, modules: dict[str, nn.Module], label: str,
         f"layer '{path}' not found in {label}{count}; expected a module path from "
         f"model.named_modules().{hint or suggest(path, names)}"
     )
+
+
+def check_some_layers(**layer_lists: str | Sequence[LayerSpec]) -> None:
+    """Refuse an empty layer list (``layers_a=[]``) before any model is loaded."""
+    for name, layers in layer_lists.items():
+        if not isinstance(layers, str) and len(layers) == 0:
+            raise InvalidInputError(
+                f"expected at least one layer in {name}, got an empty list; pass 'auto' (the "
+                "embedding output and every block), module names or indices such as [0, -1]"
+            )

@@ -252,6 +252,27 @@ class RunChanges(TypedDict, total=False):
     checkpoint_every: int
 
 
+class LoadChanges(TypedDict, total=False):
+    """How ``drift``, ``fingerprint`` and ``grid`` load each model: the arguments of the same
+    names of :meth:`hf_cka.AutoCKA.from_pretrained` (see :class:`hf_cka.models.ModelLoader`)."""
+
+    dtype: str | torch.dtype | None
+    device: str | torch.device | None
+    device_map: str | dict | None
+    trust_remote_code: bool
+
+
+class ModelRunChanges(RunChanges, LoadChanges, total=False):
+    """Keyword arguments of ``drift``, ``fingerprint`` and ``grid``: how each model is loaded
+    (:class:`LoadChanges`) and any :class:`RunOptions` field (:class:`RunChanges`)."""
+
+
+def split_changes(changes: ModelRunChanges) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``changes`` as ``(loading, run changes)``: the :class:`LoadChanges` keys, and the rest."""
+    loading = {k: v for k, v in changes.items() if k in LoadChanges.__optional_keys__}
+    return loading, {k: v for k, v in changes.items() if k not in loading}
+
+
 def check_int(name: str, value: Any, minimum: int | None, hint: str) -> None:
     """Raise ``InvalidInputError`` unless ``value`` is an ``int`` (not a bool, float or str) and
     ``>= minimum``; ``hint`` says why the minimum is what it is."""

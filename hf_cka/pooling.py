@@ -21,11 +21,14 @@ so only ``(batch, dim)`` tensors outlive the hook. The mask is checked once per 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .errors import InvalidInputError, ShapeMismatchError
+from .errors import InvalidInputError, ShapeMismatchError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 Pooling = Literal["mean", "first", "cls", "last", "max", "tokens", "flatten"]
 POOLINGS: tuple[str, ...] = ("mean", "first", "cls", "last", "max", "tokens", "flatten")
@@ -36,6 +39,22 @@ def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise InvalidInputError(f"expected pooling in {POOLINGS}, got {pooling!r}")
     return pooling
+
+
+def check_same_tokenizer(model_a: LoadedModel, model_b: LoadedModel) -> None:
+    """``pooling="tokens"`` makes every token a sample: refuse two models that tokenize apart.
+
+    Raises:
+        TokenizerMismatchError: a model is not a text model, or the vocabularies differ.
+    """
+    if model_a.modality != "text" or model_b.modality != "text":
+        raise TokenizerMismatchError("pooling='tokens' needs two text models")
+    if model_a.processor.get_vocab() != model_b.processor.get_vocab():
+        raise TokenizerMismatchError(
+            f"pooling='tokens' makes every token a sample, so both models must tokenize "
+            f"identically; '{model_a.name}' and '{model_b.name}' have different "
+            "vocabularies: use pooling='mean' (or 'last', 'max', 'first')"
+        )
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -31,8 +31,8 @@ base class :class:`~hf_cka.moments.ShiftedMoments`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -45,7 +45,9 @@ from .accumulation import (
     validated_features,
 )
 from .errors import BatchTooSmallError, EstimatorWarning, InvalidInputError, ShapeMismatchError
+from .fulldata import FullDataMeasure
 from .functional import Kernel
+from .measures import Measure
 from .metric import MinibatchCKA
 from .moments import ShiftedMoments, estimate_bytes, gram_blocks
 
@@ -298,14 +300,23 @@ def new_accumulator(
     max_bytes: int | None = None,
     dims_a: Sequence[int] | None = None,
     dims_b: Sequence[int] | None = None,
-) -> MinibatchCKA | StreamingLinearCKA:
-    """The accumulator for ``estimator``: ``"minibatch"`` (Nguyen et al., any kernel), or the exact
-    full-data ``"linear"`` (biased, Kornblith et al.) and ``"debiased"`` linear CKA.
+    measure: Measure = "cka",
+    measure_params: Mapping[str, Any] | None = None,
+) -> MinibatchCKA | StreamingLinearCKA | FullDataMeasure:
+    """The accumulator for ``measure`` and ``estimator``: for CKA, ``"minibatch"`` (Nguyen et
+    al., any kernel), or the exact full-data ``"linear"`` (biased, Kornblith et al.) and
+    ``"debiased"`` linear CKA; for another measure, the :class:`~hf_cka.fulldata.FullDataMeasure`
+    that holds the pooled features (``measure_params`` are its parameters).
 
-    ``max_bytes``, ``dims_a`` and ``dims_b`` concern the exact estimators only (the minibatch
-    states do not grow with the width); ``kernel`` and ``threshold`` the minibatch one only.
+    ``max_bytes`` bounds the exact estimators' states and the held features; ``dims_a`` and
+    ``dims_b`` concern the exact estimators only (the minibatch states do not grow with the
+    width); ``kernel`` and ``threshold`` the minibatch one only.
     """
     names = {"layer_names_a": layer_names_a, "layer_names_b": layer_names_b}
+    if measure != "cka":
+        return FullDataMeasure(
+            measure, measure_params or {}, num_layers_a, num_layers_b, max_bytes=max_bytes, **names
+        )
     if estimator == "minibatch":
         return MinibatchCKA(num_layers_a, num_layers_b, kernel=kernel, threshold=threshold, **names)
     if estimator not in ESTIMATORS:

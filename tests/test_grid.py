@@ -263,3 +263,59 @@ def test_cli_drift_modes_agree(three: list[str], tmp_path: Path, capsys) -> None
     capsys.readouterr()
     code = main(["drift", *models, "--checkpoint-dir", str(tmp_path / "ck"), *fast])
     assert code == 2 and "--all-models-at-once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("measure", "params"), [("mutual_knn", {"k": 5}), ("rsa", {})])
+def test_grid_and_fingerprints_take_other_measures(
+    three: list[str], tmp_path: Path, measure: str, params: dict
+) -> None:
+    """A grid, and a compare against a stored fingerprint, read the stored features for a
+    full-data measure and give the single-stream result exactly."""
+    import matplotlib.pyplot as plt
+
+    changes = {"measure": measure, "measure_params": params}
+    grid = AutoCKA.grid(three, TEXTS, **OPTIONS, **changes)
+    expected = AutoCKA.from_pretrained(three[0], three[2], dtype="float32")
+    truth = expected.compare(TEXTS, **RUN, **changes)
+    pair = grid.pair(0, 2)
+    torch.testing.assert_close(pair.matrix, truth.matrix, atol=1e-12, rtol=0)
+    assert pair.stderr is None and pair.metadata["measure"] == measure
+    assert grid.metadata["measure"] == measure
+    fig, (tree, _) = grid.plot()
+    label = {"mutual_knn": "mutual k-NN", "rsa": "RSA (Spearman)"}[measure]
+    assert fig.axes[-1].get_ylabel() == f"mean best-layer {label}"
+    assert tree.get_title() == f"models clustered by mean best-layer {label}"
+    plt.close(fig)
+    stored = AutoCKA.fingerprint(three[2], TEXTS, features=True, **OPTIONS)
+    stored.save(tmp_path / "fp")
+    two_phase = AutoCKA.from_pretrained(three[0], str(tmp_path / "fp"), dtype="float32")
+    torch.testing.assert_close(
+        two_phase.compare(TEXTS, **RUN, **changes).matrix, truth.matrix, atol=1e-12, rtol=0
+    )
+    bare = AutoCKA.fingerprint(three[2], TEXTS, **OPTIONS)
+    bare.save(tmp_path / "bare")
+    with pytest.raises(InvalidInputError, match="holds no pooled features"):
+        AutoCKA.from_pretrained(str(tmp_path / "bare"), three[0]).compare(TEXTS, **RUN, **changes)
+
+
+def test_paired_columns_need_the_single_stream(three: list[str]) -> None:
+    """A grid or a fingerprint reads one column for every model: column_a/column_b are refused
+    before any model is loaded, with a message that names the way to compare paired data."""
+    paired = {"column_a": "image", "column_b": "caption"}
+    for run in (
+        lambda: AutoCKA.grid(three, TEXTS, **OPTIONS, **paired),
+        lambda: AutoCKA.fingerprint(three[0], TEXTS, **OPTIONS, **paired),
+        lambda: AutoCKA.drift(three[0], three[1:2], TEXTS, **OPTIONS, **paired),
+    ):
+        with pytest.raises(InvalidInputError, match="reads ONE column for every model"):
+            run()
+
+
+def test_cli_grid_takes_a_measure(three: list[str], tmp_path: Path, capsys) -> None:
+    fast = ["--num-samples", "24", "--batch-size", "8", "--no-progress", "--dtype", "float32"]
+    args = ["--measure", "mutual_knn", "--measure-param", "k=3", "-o", str(tmp_path / "g")]
+    assert main(["grid", three[0], three[2], *args, *fast]) == 0
+    assert "of their best mutual k-NN in [j]" in capsys.readouterr().out
+    grid = GridResult.load(tmp_path / "g")
+    assert grid.metadata["measure_params"] == {"k": 3}
+    assert grid.pair(0, 1).metadata["measure"] == "mutual_knn"
