@@ -22,7 +22,7 @@ _EXPORTS = {
     "AutoCKA": "auto",
     "CKA": "engine",
     "CKAResult": "result",
-    "DriftResult": "result",
+    "DriftResult": "drift",
     "Fingerprint": "fingerprint",
     "GridResult": "grid",
     "HfCkaError": "errors",
@@ -39,6 +39,7 @@ __all__ = [*sorted(_EXPORTS), "__version__", "functional"]
 if TYPE_CHECKING:
     from . import functional as functional
     from .auto import AutoCKA as AutoCKA
+    from .drift import DriftResult as DriftResult
     from .engine import CKA as CKA
     from .errors import HfCkaError as HfCkaError
     from .fingerprint import Fingerprint as Fingerprint
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from .plotting import plot_cka_trend as plot_cka_trend
     from .plotting import plot_drift as plot_drift
     from .result import CKAResult as CKAResult
-    from .result import DriftResult as DriftResult
 
 
 def __getattr__(name: str) -> Any:

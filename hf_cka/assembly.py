@@ -21,7 +21,8 @@ from .provenance import ESTIMATOR_LABELS, DataProvenance, Provenance, library_ve
 from .runner import Accumulated, Comparison, run_comparisons
 
 if TYPE_CHECKING:
-    from .result import CKAResult, DriftResult
+    from .drift import DriftResult
+    from .result import CKAResult
 
 
 def compare_all(
@@ -93,7 +94,7 @@ def to_result(
 
 def drift_result(base: str, checkpoints: list[str], results: list[CKAResult]) -> DriftResult:
     """The ``DriftResult`` of base-vs-checkpoint runs; its metadata is what they share."""
-    from .result import DriftResult
+    from .drift import DriftResult
 
     return DriftResult(
         base=base,

@@ -38,9 +38,10 @@ from .tokens import clean_token
 
 if TYPE_CHECKING:
     from .combine import Side
+    from .drift import DriftResult
     from .fingerprint import Fingerprint
     from .grid import GridResult
-    from .result import CKAResult, DriftResult
+    from .result import CKAResult
 
 
 class AutoCKA:

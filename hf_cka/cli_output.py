@@ -31,7 +31,7 @@ from .provenance import ModelProvenance, Provenance
 
 
 def is_drift(result: Any) -> bool:
-    from .result import DriftResult
+    from .drift import DriftResult
 
     return isinstance(result, DriftResult)
 
@@ -47,8 +47,9 @@ def plot_file_of(result: Any) -> str:
 
 def load_result(folder: Path) -> Any:
     """The ``CKAResult``, ``DriftResult`` or ``GridResult`` saved in ``folder``."""
+    from .drift import DriftResult
     from .grid import GRID_FILE, GridResult
-    from .result import DRIFT_FILE, CKAResult, DriftResult
+    from .result import DRIFT_FILE, CKAResult
 
     if not folder.is_dir():
         raise InvalidInputError(

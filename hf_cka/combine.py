@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from .assembly import dtype_label, measure_fields, to_result
@@ -55,17 +55,10 @@ def extract_options(options: RunOptions, *, features: bool = False) -> ExtractOp
             "model: pass text_column=... (--text-column), or compare the pair with "
             "AutoCKA.from_pretrained(model_a, model_b).compare(data, column_a=..., column_b=...)"
         )
+    shared = {f.name for f in fields(ExtractOptions)} & {f.name for f in fields(RunOptions)}
     return ExtractOptions(
-        batch_size=options.batch_size,
-        max_length=options.max_length,
-        num_samples=options.num_samples,
-        text_column=options.text_column,
-        dataset_config=options.dataset_config,
-        split=options.split,
-        sort_by_length=options.sort_by_length,
-        chunk_batches=options.chunk_batches,
+        **{name: getattr(options, name) for name in shared},
         features=features or options.estimator != "minibatch" or options.measure != "cka",
-        progress=options.progress,
     )
 
 

@@ -12,7 +12,6 @@ The clustered plot uses the symmetric distance ``1 - (S + S^T) / 2``.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from .model_files import names_fingerprint
 from .options import RunOptions
 from .result import CKAResult
 from .storage import GRID_FILE, GRID_PLOT_FILE, SCHEMA_VERSION
-from .stored import Stored
+from .stored import Stored, figure_png
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -85,10 +84,7 @@ class GridResult(Stored):
                 f"a GridResult of {n} models needs the results of every pair i <= j "
                 f"({len(expected)}), got {sorted(self.results)}"
             )
-        self.metadata = dict(self.metadata)
-        grid_id = self.metadata.get("grid_id") or storage.new_run_id("g")
-        self.metadata["grid_id"] = storage.validate_run_id(grid_id)
-        self.metadata.setdefault("created_at", storage.utc_now())
+        self._stamp()
         for (i, j), result in self.results.items():
             result.metadata[GRID_KEY] = {
                 "models": self.models,
@@ -214,19 +210,8 @@ class GridResult(Stored):
         )
         for _, result in pairs:
             result._write(folder / result.run_id)
-        (folder / GRID_PLOT_FILE).write_bytes(self._png())
+        (folder / GRID_PLOT_FILE).write_bytes(figure_png(self.plot()[0], bbox_inches="tight"))
         (folder / GRID_FILE).write_text(document, encoding="utf-8")
-
-    def _png(self) -> bytes:
-        import matplotlib.pyplot as plt
-
-        fig, _ = self.plot()
-        try:
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-            return buffer.getvalue()
-        finally:
-            plt.close(fig)
 
     @classmethod
     def _read(cls, folder: Path) -> GridResult:
@@ -255,7 +240,7 @@ class GridResult(Stored):
 
     def _hub_extras(self) -> dict[str, bytes]:
         """The clustered heatmap, pushed in the grid's commit as ``plots/<grid_id>.png``."""
-        return {f"plots/{self._id}.png": self._png()}
+        return {f"plots/{self._id}.png": figure_png(self.plot()[0], bbox_inches="tight")}
 
     @classmethod
     def from_hub(

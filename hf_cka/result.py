@@ -2,8 +2,9 @@
 
 A :class:`CKAResult` is one *run*: the ``(La, Lb)`` CKA matrix between the layers of model A and
 model B, optional per-cell standard errors and permutation-null values, and free-form JSON
-metadata (revisions, commit shas, data, estimator, versions, ``run_id``, ``created_at``). A
-:class:`DriftResult` is a base model compared with ``k`` checkpoints.
+metadata (revisions, commit shas, data, estimator, versions, ``run_id``, ``created_at``). Runs
+make up a :class:`~hf_cka.drift.DriftResult` (a base model against ``k`` checkpoints) and a
+:class:`~hf_cka.grid.GridResult` (every pair of N models).
 
 On disk a result is a folder with ``result.json`` (schema name and version, model names, layer
 names, metadata, sha256 of the tensors) and ``tensors.safetensors`` (``matrix`` and, when
@@ -15,8 +16,6 @@ push and pull path (:class:`Stored`).
 
 from __future__ import annotations
 
-import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,28 +25,23 @@ import pyarrow as pa
 import torch
 
 from hf_cka import storage
-from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
+from hf_cka.errors import ShapeMismatchError
 from hf_cka.hub import HubRun, HubRuns
 from hf_cka.provenance import Provenance
 from hf_cka.storage import (
     DEFAULT_LOCAL_ROOT,
     DRIFT_FILE,
-    DRIFT_SCHEMA_NAME,
     OPTIONAL_TENSORS,
     SCHEMA_NAME,
     SCHEMA_VERSION,
-    json_text,
     new_run_id,
-    utc_now,
     validate_repo_id,
     validate_run_id,
 )
 from hf_cka.stored import (
-    DRIFT_KEY,
     Stored,
     as_float64,
-    complete_drift_info,
-    drift_run_ids,
+    figure_png,
     pick_run,
     run_record,
     scores_table,
@@ -59,7 +53,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["DRIFT_FILE", "DEFAULT_LOCAL_ROOT", "CKAResult", "DriftResult", "new_run_id",
+__all__ = ["DRIFT_FILE", "DEFAULT_LOCAL_ROOT", "CKAResult", "new_run_id",
            "validate_repo_id", "validate_run_id"]  # fmt: skip
 
 
@@ -114,9 +108,7 @@ class CKAResult(Stored):
                     f" {len(self.layers_b)} layers of {self.model_b})"
                 )
             setattr(self, name, value)
-        self.metadata = dict(self.metadata)
-        self.metadata["run_id"] = validate_run_id(self.metadata.get("run_id") or new_run_id())
-        self.metadata.setdefault("created_at", utc_now())
+        self._stamp()
 
     def __repr__(self) -> str:
         extras = "".join(
@@ -232,24 +224,13 @@ class CKAResult(Stored):
         options.update(kwargs)
         return plot_cka_heatmap(self.matrix, **options)
 
-    def _heatmap_png(self) -> bytes:
-        import matplotlib.pyplot as plt
-
-        fig, _ = self.plot()
-        try:
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=110)
-            return buffer.getvalue()
-        finally:
-            plt.close(fig)
-
     # ----------------------------------------------------------------------- Hub
 
     def _runs(self) -> list[CKAResult]:
         return [self]
 
     def _hub_run(self) -> HubRun:
-        return HubRun(self._run_record(), self._scores_table(), self._heatmap_png())
+        return HubRun(self._run_record(), self._scores_table(), figure_png(self.plot()[0]))
 
     def _run_record(self) -> dict[str, Any]:
         """The row of this run in the ``runs`` table, plus its ``metadata``."""
@@ -296,204 +277,3 @@ class CKAResult(Stored):
         return cls(grids["cka"], record["layers_a"], record["layers_b"], record["model_a"],
                    record["model_b"], record["metadata"], grids.get("stderr"),
                    grids.get("null"))  # fmt: skip
-
-
-@dataclass(eq=False, repr=False)
-class DriftResult(Stored):
-    """A base model compared with ``k`` checkpoints, layer by layer.
-
-    Attributes:
-        base: The base model.
-        checkpoints: Names of the checkpoints (model ids or ``repo@revision``), in order.
-        results: One :class:`CKAResult` per checkpoint (base as model A, checkpoint as B).
-        metadata: JSON-serialisable provenance; ``drift_id`` and ``created_at`` are filled in.
-
-    Each result records its membership in ``result.metadata["drift"]`` (base, checkpoints, its
-    index and this drift's metadata), so that :meth:`from_hub` can reassemble the drift from
-    the runs of a Hub dataset. All results must share one layer list on both sides (checkpoints
-    of one architecture), so that the same-layer CKA (the diagonal of each matrix) is defined.
-
-    Raises:
-        ShapeMismatchError: the number of results differs from the number of checkpoints, or
-            a result's layers differ from the first result's.
-        InvalidInputError: no checkpoint, or two results share a run id.
-    """
-
-    base: str
-    checkpoints: list[str]
-    results: list[CKAResult]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.base = str(self.base)
-        self.checkpoints = [str(name) for name in self.checkpoints]
-        self.results = list(self.results)
-        if not self.results:
-            raise InvalidInputError("a DriftResult needs at least one checkpoint result")
-        if len(self.results) != len(self.checkpoints):
-            raise ShapeMismatchError(
-                f"{len(self.results)} results for {len(self.checkpoints)} checkpoints;"
-                " expected one result per checkpoint"
-            )
-        layers = self.results[0].layers_a
-        for checkpoint, result in zip(self.checkpoints, self.results, strict=True):
-            if result.layers_a != layers or result.layers_b != layers:
-                raise ShapeMismatchError(
-                    f"the result for checkpoint {checkpoint!r} compares layers"
-                    f" {len(result.layers_a)} x {len(result.layers_b)} that differ from the"
-                    f" {len(layers)} layers of the first result; drift needs the same layer list"
-                    " on both sides of every result"
-                )
-        run_ids = [result.run_id for result in self.results]
-        if len(set(run_ids)) != len(run_ids):
-            raise InvalidInputError(f"run ids of a drift must be unique; got {run_ids}")
-        self.metadata = dict(self.metadata)
-        self.metadata["drift_id"] = validate_run_id(
-            self.metadata.get("drift_id") or new_run_id("d")
-        )
-        self.metadata.setdefault("created_at", utc_now())
-        for index, result in enumerate(self.results):
-            result.metadata[DRIFT_KEY] = {
-                "base": self.base,
-                "checkpoints": self.checkpoints,
-                "index": index,
-                "metadata": self.metadata,
-            }
-
-    def __repr__(self) -> str:
-        return (
-            f"DriftResult(drift_id={self.drift_id!r}, base={self.base!r},"
-            f" checkpoints={self.checkpoints!r}, layers={len(self.layers)})"
-        )
-
-    @property
-    def drift_id(self) -> str:
-        """The id of this drift analysis, ``metadata["drift_id"]``."""
-        return self.metadata["drift_id"]
-
-    @property
-    def layers(self) -> list[str]:
-        """The shared layer names."""
-        return self.results[0].layers_a
-
-    @property
-    def similarity(self) -> torch.Tensor:
-        """float64 ``(num_layers, k)``: ``similarity[l, c]`` = CKA of layer ``l`` of the base and
-        layer ``l`` of checkpoint ``c`` (the diagonal of each result's matrix)."""
-        return torch.stack([result.matrix.diagonal() for result in self.results], dim=1)
-
-    @property
-    def stderr(self) -> torch.Tensor | None:
-        """Standard errors of :attr:`similarity`, or None unless every result has them."""
-        stderrs = [result.stderr for result in self.results]
-        if any(stderr is None for stderr in stderrs):
-            return None
-        return torch.stack([stderr.diagonal() for stderr in stderrs if stderr is not None], dim=1)
-
-    def to_pandas(self) -> pd.DataFrame:
-        """Long table of :attr:`similarity`, one row per (checkpoint, layer).
-
-        Columns: ``drift_id, base, checkpoint, checkpoint_index, run_id, layer, index, cka,
-        stderr`` (NaN when absent).
-        """
-        similarity = self.similarity.numpy()
-        stderr = self.stderr
-        rows = [
-            {
-                "drift_id": self.drift_id,
-                "base": self.base,
-                "checkpoint": checkpoint,
-                "checkpoint_index": c,
-                "run_id": result.run_id,
-                "layer": layer,
-                "index": i,
-                "cka": similarity[i, c],
-                "stderr": math.nan if stderr is None else stderr[i, c].item(),
-            }
-            for c, (checkpoint, result) in enumerate(
-                zip(self.checkpoints, self.results, strict=True)
-            )
-            for i, layer in enumerate(self.layers)
-        ]
-        return pd.DataFrame(rows)
-
-    def plot(self, **kwargs: Any) -> tuple[Figure, Any]:
-        """Drift plot via :func:`hf_cka.plotting.plot_drift`; ``kwargs`` override defaults."""
-        from hf_cka.plotting import plot_drift
-
-        options: dict[str, Any] = {"base_name": self.base, "stderr": self.stderr}
-        options.update(kwargs)
-        return plot_drift(self.similarity, self.layers, self.checkpoints, **options)
-
-    # ----------------------------------------------------------------------- files and Hub
-
-    _ID_KEY = "drift_id"
-    _KIND = "drift"
-
-    def _write(self, folder: Path) -> None:
-        """``drift.json`` and one result folder per checkpoint, named by the checkpoint."""
-        folders = storage.checkpoint_folders(self.checkpoints)
-        document = {
-            "schema": DRIFT_SCHEMA_NAME,
-            "schema_version": SCHEMA_VERSION,
-            "base": self.base,
-            "checkpoints": self.checkpoints,
-            "runs": [result.run_id for result in self.results],
-            "folders": folders,
-            "metadata": self.metadata,
-        }
-        text = json_text(document, "metadata")
-        for name, result in zip(folders, self.results, strict=True):
-            result._write(folder / name)
-        (folder / DRIFT_FILE).write_text(text, encoding="utf-8")
-
-    @classmethod
-    def _read(cls, folder: Path) -> DriftResult:
-        doc, members = storage.read_drift(folder)
-        results = [CKAResult.load(folder / name) for name, _ in members]
-        for (name, run_id), result in zip(members, results, strict=True):
-            if result.run_id != run_id:
-                raise ResultFormatError(
-                    f"{folder / name}: holds run {result.run_id!r}, expected {run_id!r}"
-                )
-        try:
-            return cls(doc["base"], doc["checkpoints"], results, doc["metadata"])
-        except (ShapeMismatchError, InvalidInputError) as err:
-            raise ResultFormatError(f"{folder / DRIFT_FILE}: {err}") from err
-
-    def _runs(self) -> list[CKAResult]:
-        return self.results
-
-    @classmethod
-    def from_hub(
-        cls,
-        repo_id: str,
-        drift_id: str | None = None,
-        *,
-        revision: str | None = None,
-        token: str | None = None,
-    ) -> DriftResult:
-        """Reassemble a drift pushed with :meth:`push_to_hub` from its runs.
-
-        Args:
-            repo_id: Dataset repository.
-            drift_id: The drift; None takes the latest by its ``created_at``.
-            revision: Branch, tag or commit of the repository (default branch if None).
-            token: Hub token (surrounding whitespace is ignored).
-
-        Raises:
-            HubReadError: no such repository or revision, no access, or the Hub is unreachable.
-            ResultFormatError: the repository holds no drift, not the named one (the message
-                lists the available ones), an incomplete one, or malformed files.
-        """
-        return cls._from_hub(repo_id, drift_id, revision, token)
-
-    @classmethod
-    def _select(cls, runs: HubRuns, wanted: str | None) -> DriftResult:
-        wanted, run_ids = drift_run_ids(runs, wanted)
-        results = [CKAResult._from_hub_run(runs, run_id) for run_id in run_ids]
-        info = complete_drift_info(runs.source, wanted, [r.metadata for r in results])
-        try:
-            return cls(info["base"], info["checkpoints"], results, info["metadata"])
-        except (ShapeMismatchError, InvalidInputError) as err:
-            raise ResultFormatError(f"{runs.source}: drift {wanted!r}: {err}") from err

@@ -1,16 +1,17 @@
 """The one save/load/push/pull path of results, and their conversion to and from Hub tables.
 
-:class:`Stored` is the base of :class:`~hf_cka.result.CKAResult` and
-:class:`~hf_cka.result.DriftResult`: both save, load, push and pull through its methods and only
-say how to write, read and select themselves. The functions convert a run's tensors to its
-``scores`` table and back.
+:class:`Stored` is the base of :class:`~hf_cka.result.CKAResult`,
+:class:`~hf_cka.drift.DriftResult` and :class:`~hf_cka.grid.GridResult`: all save, load, push and
+pull through its methods and only say how to write, read and select themselves. The functions
+convert a run's tensors to its ``scores`` table and back.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,17 @@ from huggingface_hub import CommitInfo
 from hf_cka import hub, storage
 from hf_cka.errors import InvalidInputError, ResultFormatError, suggest
 from hf_cka.hub import SCORES_SCHEMA, HubRuns
-from hf_cka.storage import DEFAULT_LOCAL_ROOT, validate_repo_id, validate_run_id
+from hf_cka.storage import (
+    DEFAULT_LOCAL_ROOT,
+    new_run_id,
+    utc_now,
+    validate_repo_id,
+    validate_run_id,
+)
 from hf_cka.tokens import clean_token
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _Result = TypeVar("_Result", bound="Stored")
 
@@ -35,6 +45,18 @@ def as_float64(value: Any, name: str) -> torch.Tensor:
         raise InvalidInputError(f"{name} must be a numeric tensor or array; got {value!r}") from err
 
 
+def figure_png(figure: Figure, **savefig: Any) -> bytes:
+    """``figure`` rendered as PNG bytes at 110 dpi (``savefig`` adds options), then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110, **savefig)
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
 class Run(Protocol):
     """One run of a result, as the Hub stores it."""
 
@@ -45,7 +67,7 @@ DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftRe
 
 
 class Stored:
-    """Saving, loading, pushing and pulling, shared by :class:`CKAResult` and :class:`DriftResult`.
+    """Saving, loading, pushing and pulling, shared by every result class.
 
     A subclass names its id (:attr:`_id`), writes and reads its own files (:meth:`_write`,
     :meth:`_read`), lists its runs (:meth:`_runs`) and picks itself out of a Hub dataset
@@ -53,11 +75,21 @@ class Stored:
     """
 
     _ID_KEY: ClassVar[str]  # the metadata key of the id
-    _KIND: ClassVar[str]  # "run" or "drift"
+    _KIND: ClassVar[str]  # "run", "drift" or "grid"
+
+    metadata: dict[str, Any]  # a dataclass field of every subclass
 
     @property
     def _id(self) -> str:
-        return str(self.metadata[self._ID_KEY])  # type: ignore[attr-defined]
+        return str(self.metadata[self._ID_KEY])
+
+    def _stamp(self) -> None:
+        """Copy ``metadata`` and fill in its id (a fresh ``<k><UTC time>_<hex>``, ``k`` the
+        kind's first letter, unless one is given) and ``created_at``."""
+        self.metadata = dict(self.metadata)
+        given = self.metadata.get(self._ID_KEY)
+        self.metadata[self._ID_KEY] = validate_run_id(given or new_run_id(self._KIND[0]))
+        self.metadata.setdefault("created_at", utc_now())
 
     def _write(self, folder: Path) -> None:
         raise NotImplementedError

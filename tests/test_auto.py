@@ -31,7 +31,8 @@ TEXTS = tiny.varied_texts(32)
 
 
 def test_public_exports() -> None:
-    from hf_cka.result import CKAResult, DriftResult
+    from hf_cka.drift import DriftResult
+    from hf_cka.result import CKAResult
 
     assert hf_cka.AutoCKA is AutoCKA
     assert (hf_cka.CKAResult, hf_cka.DriftResult) == (CKAResult, DriftResult)

@@ -21,7 +21,8 @@ from matplotlib.image import imread
 
 from hf_cka import distributed
 from hf_cka.cli import main
-from hf_cka.result import CKAResult, DriftResult
+from hf_cka.drift import DriftResult
+from hf_cka.result import CKAResult
 
 FAST = ["--num-samples", "48", "--batch-size", "16", "--no-progress"]
 SECRET = "hf_cli_secret_token_do_not_print"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO_ROOT, subprocess_env
 
-from hf_cka.result import CKAResult, DriftResult
+from hf_cka.drift import DriftResult
+from hf_cka.result import CKAResult
 
 EXAMPLES = REPO_ROOT / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -250,7 +250,7 @@ def test_one_model_is_alive_at_a_time(saved, three: list[str]) -> None:
 
 
 def test_cli_drift_modes_agree(three: list[str], tmp_path: Path, capsys) -> None:
-    from hf_cka.result import DriftResult
+    from hf_cka.drift import DriftResult
 
     fast = ["--num-samples", "24", "--batch-size", "8", "--no-progress", "--dtype", "float32"]
     models = [three[0], three[1]]

@@ -12,8 +12,9 @@ import pytest
 import torch
 from huggingface_hub import CommitInfo, snapshot_download
 
+from hf_cka.drift import DriftResult
 from hf_cka.errors import HubPushError, HubReadError, ResultFormatError
-from hf_cka.result import CKAResult, DriftResult
+from hf_cka.result import CKAResult
 from hf_cka.tokens import scrub
 
 FAST = {"backoff_s": 0.01}

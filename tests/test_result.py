@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 import hf_cka.storage as storage_module
 from hf_cka.cards import escape_markdown, render_dataset_card
+from hf_cka.drift import DriftResult
 from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
-from hf_cka.result import CKAResult, DriftResult, new_run_id, validate_run_id
+from hf_cka.result import CKAResult, new_run_id, validate_run_id
 
 INJECTION = "evil | name\n---\n{{ 7*7 }}<script>alert(1)</script>"
 
