@@ -22,6 +22,7 @@ from hf_cka.provenance import ModelProvenance, Provenance
 from hf_cka.storage import validate_repo_id, validate_run_id
 
 TEMPLATE_NAME = "dataset_card_template.md"
+FINGERPRINT_TEMPLATE_NAME = "fingerprint_card_template.md"
 CARD_TAGS = ["cka", "representational-similarity", "hf-cka"]
 CONFIGS = [
     {"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}/*.parquet"}]}
@@ -151,10 +152,30 @@ def render_dataset_card(repo_id: str, runs: Sequence[Mapping[str, Any]]) -> Data
     card_data = DatasetCardData(
         pretty_name=f"CKA results {repo_id}", tags=list(CARD_TAGS), configs=CONFIGS
     )
-    template = files("hf_cka_model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
-    content = (
-        _environment()
-        .from_string(template)
-        .render(card_yaml=Markup(card_data.to_yaml()), repo_id=repo_id, runs=views, latest=latest)
+    content = _render(
+        TEMPLATE_NAME,
+        card_yaml=Markup(card_data.to_yaml()),
+        repo_id=repo_id,
+        runs=views,
+        latest=latest,
     )
     return DatasetCard(content)
+
+
+def render_fingerprint_card(fingerprint: Any) -> str:
+    """The dataset card (``README.md``) of a :class:`~hf_cka.fingerprint.Fingerprint`."""
+    return _render(
+        FINGERPRINT_TEMPLATE_NAME,
+        fp=fingerprint,
+        settings=fingerprint.settings,
+        data=fingerprint.data,
+        model=fingerprint.model,
+        layers=", ".join(fingerprint.layers),
+        card_yaml=Markup("tags:\n- cka\n- hf-cka\n- hf-cka-fingerprint"),
+    )
+
+
+def _render(template_name: str, **values: Any) -> str:
+    """The template ``template_name`` of ``model_cards/`` rendered with ``values``."""
+    template = files("hf_cka_model_cards").joinpath(template_name).read_text(encoding="utf-8")
+    return _environment().from_string(template).render(**values)

@@ -43,7 +43,6 @@ from .tokens import clean_token
 
 SCHEMA_NAME = "hf_cka.Fingerprint"
 SCHEMA_VERSION = 1
-CARD_TEMPLATE = "fingerprint_card_template.md"
 # settings that must agree for two stores to describe the same CKA batches
 _SAME_SETTINGS = ("pooling", "max_length", "shuffle_seed")
 
@@ -220,6 +219,8 @@ class Fingerprint:
 
     def _files(self) -> dict[str, bytes]:
         """The files of a saved fingerprint, by name."""
+        from .cards import render_fingerprint_card
+
         tensors = {"distances": self.distances.contiguous()}
         for index, layer in enumerate(self.layers):
             if self.features is not None and layer in self.features:
@@ -229,7 +230,7 @@ class Fingerprint:
         return {
             FINGERPRINT_FILE: json.dumps(document, indent=1).encode("utf-8"),
             TENSORS_FILE: blob,
-            CARD_FILE: render_card(self).encode("utf-8"),
+            CARD_FILE: render_fingerprint_card(self).encode("utf-8"),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -426,26 +427,3 @@ def check_compatible(a: Fingerprint, b: Fingerprint) -> None:
                 f"{names} hold other samples in CKA batch {index}; extract both with the same "
                 "data order and shuffle_seed"
             )
-
-
-def render_card(fingerprint: Fingerprint) -> str:
-    """The dataset card (``README.md``) of a fingerprint, from ``model_cards/``."""
-    from importlib.resources import files
-
-    from markupsafe import Markup
-
-    from .cards import _environment
-
-    template = files("hf_cka_model_cards").joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
-    return (
-        _environment()
-        .from_string(template)
-        .render(
-            fp=fingerprint,
-            settings=fingerprint.settings,
-            data=fingerprint.data,
-            model=fingerprint.model,
-            layers=", ".join(fingerprint.layers),
-            card_yaml=Markup("tags:\n- cka\n- hf-cka\n- hf-cka-fingerprint"),
-        )
-    )
