@@ -219,11 +219,11 @@ def _numbers(values: Sequence[float]) -> str:
 
 
 def compare_summary(result: Any, folder: Path, url: str | None) -> str:
-    from .measures import MEASURE_LABELS
+    from .measures import measure_label
 
     provenance = Provenance.from_dict(result.metadata)
     measure = provenance.measure or "cka"
-    label = MEASURE_LABELS.get(measure, measure)
+    label = measure_label(result.metadata)
     settings = f"pooling={provenance.pooling}, kernel={provenance.kernel}"
     if measure != "cka":
         params = "".join(f", {k}={v}" for k, v in (provenance.measure_params or {}).items())

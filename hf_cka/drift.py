@@ -139,10 +139,16 @@ class DriftResult(Stored):
         )
 
     def plot(self, **kwargs: Any) -> tuple[Figure, Any]:
-        """Drift plot via :func:`hf_cka.plotting.plot_drift`; ``kwargs`` override defaults."""
+        """Drift plot via :func:`hf_cka.plotting.plot_drift`, labelled with the measure
+        (``metadata["measure"]``); ``kwargs`` override defaults."""
+        from hf_cka.measures import measure_label
         from hf_cka.plotting import plot_drift
 
-        options: dict[str, Any] = {"base_name": self.base, "stderr": self.stderr}
+        options: dict[str, Any] = {
+            "base_name": self.base,
+            "stderr": self.stderr,
+            "measure_label": measure_label(self.results[0].metadata),
+        }
         options.update(kwargs)
         return plot_drift(self.similarity, self.layers, self.checkpoints, **options)
 

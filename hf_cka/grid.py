@@ -133,10 +133,9 @@ class GridResult(Stored):
     @property
     def measure_label(self) -> str:
         """How plots name the grid's measure (``"CKA"``, ``"mutual k-NN"`` ...)."""
-        from .measures import MEASURE_LABELS
+        from .measures import measure_label
 
-        measure = self.metadata.get("measure") or "cka"
-        return MEASURE_LABELS.get(measure, measure)
+        return measure_label(self.metadata)
 
     def order(self) -> list[int]:
         """The models in the leaf order of average-linkage clustering of ``1 - sym(summary)``."""

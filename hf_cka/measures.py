@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal, get_args
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -194,6 +194,12 @@ MEASURE_LABELS: dict[str, str] = {
     "rsa": "RSA (Spearman)",
 }
 """How plots label each measure."""
+
+
+def measure_label(metadata: Mapping[str, Any]) -> str:
+    """The label of the measure a result's ``metadata`` records (``"CKA"`` when none)."""
+    measure = metadata.get("measure") or "cka"
+    return MEASURE_LABELS.get(measure, str(measure))
 
 
 def similarity(

@@ -152,6 +152,7 @@ def plot_drift(
     cmap: str | Colormap = "magma",
     figsize: tuple[float, float] | None = None,
     max_ticks: int = 24,
+    measure_label: str = "CKA",
 ) -> tuple[Figure, np.ndarray]:
     """How far each layer of a base model drifts in each of several checkpoints.
 
@@ -166,6 +167,8 @@ def plot_drift(
             later checkpoints read as later.
         figsize: Figure size.
         max_ticks: Most layer tick labels.
+        measure_label: What ``similarity`` measures, for the axis and colour bar labels
+            (``"mutual k-NN"`` ...; an ``"RSA ..."`` correlation gets the range -1 to 1).
 
     Returns:
         The figure and an array of two Axes: the per-checkpoint lines across layers (left) and
@@ -189,7 +192,7 @@ def plot_drift(
         table.T,
         labels=names,
         xlabel="Layer",
-        ylabel="CKA with base (same layer)",
+        ylabel=f"{measure_label} with base (same layer)",
         ax=axes[0],
         xticklabels=layers,
         stderr=None if errors is None else errors.T,
@@ -202,12 +205,12 @@ def plot_drift(
         layer_names,
         names,
         cmap=cmap,
-        vmin=0.0,
+        vmin=-1.0 if measure_label.startswith("RSA") else 0.0,
         vmax=1.0,
         max_ticks=max_ticks,
     )
     axes[1].set_xlabel("Checkpoint")
     axes[1].set_ylabel("Layer")
-    add_colorbar(fig, image, axes[1], table)
+    add_colorbar(fig, image, axes[1], table, label=measure_label)
     fig.suptitle(f"Layer drift from {base_name or 'the base model'}")
     return fig, axes

@@ -207,13 +207,12 @@ class CKAResult(Stored):
         :attr:`is_self_comparison`, and a colour bar naming the measure
         (``metadata["measure"]``; a range from -1 for RSA, a correlation).
         """
-        from hf_cka.measures import MEASURE_LABELS
+        from hf_cka.measures import measure_label
         from hf_cka.plotting import plot_cka_heatmap
 
-        measure = self.metadata.get("measure") or "cka"
         options: dict[str, Any] = {
-            "colorbar_label": MEASURE_LABELS.get(measure, measure),
-            "vmin": -1.0 if measure == "rsa" else 0.0,
+            "colorbar_label": measure_label(self.metadata),
+            "vmin": -1.0 if self.metadata.get("measure") == "rsa" else 0.0,
             "layers1": self.layers_a,
             "layers2": self.layers_b,
             "model1_name": self.model_a,

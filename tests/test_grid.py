@@ -171,6 +171,23 @@ def test_drift_one_model_at_a_time_equals_the_stream(saved, forwards_by_name) ->
         assert drift.metadata[key] == streamed.metadata[key], key
 
 
+def test_drift_takes_a_measure_and_labels_its_plot(saved) -> None:
+    """One model at a time, a drift reads the stored features for a full-data measure and
+    equals the streamed drift; its plot names the measure."""
+    import matplotlib.pyplot as plt
+
+    base, checkpoints = saved("bert"), [saved("bert", 1)]
+    options = {**OPTIONS, "measure": "procrustes"}
+    drift = AutoCKA.drift(base, checkpoints, TEXTS, **options)
+    streamed = AutoCKA.drift(base, checkpoints, TEXTS, one_model_at_a_time=False, **options)
+    torch.testing.assert_close(drift.similarity, streamed.similarity, atol=1e-10, rtol=0)
+    assert drift.stderr is None and drift.results[0].metadata["measure"] == "procrustes"
+    fig, (lines, heatmap) = drift.plot()
+    assert lines.get_ylabel() == "Procrustes similarity with base (same layer)"
+    assert heatmap.images[0].colorbar.ax.get_ylabel() == "Procrustes similarity"
+    plt.close(fig)
+
+
 def test_drift_from_a_fingerprint_base(saved, tmp_path: Path, forwards_by_name) -> None:
     base = AutoCKA.fingerprint(saved("bert"), TEXTS, **OPTIONS)
     base.save(tmp_path / "base-fp")
