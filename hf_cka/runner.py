@@ -212,7 +212,9 @@ def run_comparisons(
         raise InvalidInputError(
             f"measure={options.measure!r} needs every sample in one process (it is computed "
             f"once over all the pooled features), got {distributed.num_processes()} processes; "
-            "run it in one process, or use measure='cka', which streams"
+            "run it in one process; or one model at a time, AutoCKA.grid([model_a, model_b], "
+            "data, measure=...) (hf-cka grid A B --measure ...), whose extraction the "
+            "processes share; or use measure='cka', which streams"
         )
     # one extractor per distinct (model, column): a model reading two columns runs on both
     layers_by_model: dict[tuple[int, str | None], tuple[LoadedModel, list[str], str | None]] = {}

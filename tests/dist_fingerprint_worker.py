@@ -2,10 +2,12 @@
 
 Every process extracts the fingerprint of ``SPEC.json``'s model twice: with a shards folder
 (each process writes its shards there; all read them back) and without one (the batches are
-exchanged in memory). It writes ``OUT/rank{RANK}.json`` with the world size the launcher gave
-and the one ``hf_cka`` saw, the shard files present after the extraction, and both stores'
-distances as ``float.hex`` strings (exact). The main process saves the first store to ``OUT``
-(which removes ``OUT/shards``).
+exchanged in memory), then the grid of it and ``SPEC.json``'s ``model_b`` with
+``measure="procrustes"`` (a full-data measure: the features are extracted over both processes
+and gathered). It writes ``OUT/rank{RANK}.json`` with the world size the launcher gave
+and the one ``hf_cka`` saw, the shard files present after the extraction, both stores'
+distances and the grid pair's matrix as ``float.hex`` strings (exact). The main process saves
+the first store to ``OUT`` (which removes ``OUT/shards``).
 
 Usage::
 
@@ -34,6 +36,8 @@ def main(spec_path: str, out: Path) -> None:
     distributed.wait_for_everyone()
     with_shards.save(out)  # the main process saves and removes the shards; the others do nothing
     in_memory = AutoCKA.fingerprint(spec["model"], spec["texts"], dtype="float64", **options)
+    models = [spec["model"], spec["model_b"]]  # a full-data measure, one model at a time
+    grid = AutoCKA.grid(models, spec["texts"], dtype="float64", measure="procrustes", **options)
     rank = int(os.environ["RANK"])
     payload = {
         "launcher_rank": rank,
@@ -43,6 +47,7 @@ def main(spec_path: str, out: Path) -> None:
         "shard_files": shard_files,
         "with_shards": [float(v).hex() for v in with_shards.distances.reshape(-1).tolist()],
         "in_memory": [float(v).hex() for v in in_memory.distances.reshape(-1).tolist()],
+        "grid_procrustes": [float(v).hex() for v in grid.pair(0, 1).matrix.reshape(-1).tolist()],
         "batch_digests": with_shards.batch_digests,
         "samples_digest": with_shards.samples_digest,
     }

@@ -48,7 +48,7 @@ def forwards(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
 
 
 def test_two_processes_equal_one(saved, tmp_path: Path) -> None:
-    spec = {"model": saved("bert"), "texts": TEXTS, "batch_size": 6}
+    spec = {"model": saved("bert"), "model_b": saved("bert", 1), "texts": TEXTS, "batch_size": 6}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -73,6 +73,13 @@ def test_two_processes_equal_one(saved, tmp_path: Path) -> None:
             values = torch.tensor([float.fromhex(h) for h in record[key]], dtype=torch.float64)
             assert values.shape == single.distances.reshape(-1).shape
             assert (values - single.distances.reshape(-1)).abs().max() <= 1e-12 * scale
+    pair = AutoCKA.from_pretrained(saved("bert"), saved("bert", 1), dtype="float64")
+    truth = pair.compare(TEXTS, batch_size=6, progress=False, measure="procrustes").matrix
+    for record in records:  # a full-data measure over 2 processes equals the single stream
+        values = torch.tensor(
+            [float.fromhex(h) for h in record["grid_procrustes"]], dtype=torch.float64
+        )
+        torch.testing.assert_close(values.reshape(truth.shape), truth, atol=1e-12, rtol=0)
     saved_store = Fingerprint.load(tmp_path)  # saved by the main process, shards removed
     assert saved_store.batch_digests == single.batch_digests
     assert not (tmp_path / SHARDS_DIR).exists()
