@@ -1,8 +1,8 @@
 """The pieces of the ``hf-cka`` argument parser: constants, argument types and the option groups
 that its commands share (:func:`add_loading`, :func:`add_data`, :func:`add_estimator`,
 :func:`add_measure`, :func:`add_output`, :func:`add_layer_choice`, :func:`add_store_options`,
-:func:`add_store_output`). :func:`hf_cka.cli_parser.build_parser` assembles them with the help texts of
-:mod:`hf_cka.cli_help`.
+:func:`add_store_output`, :func:`add_private`). :func:`hf_cka.cli_parser.build_parser` assembles
+them with the help texts of :mod:`hf_cka.cli_help`.
 
 Nothing heavy is imported here: ``hf-cka --help`` must stay fast.
 """
