@@ -46,6 +46,32 @@ from .options import DEFAULTS
 from .pooling import Pooling
 from .tokens import clean_token
 
+# name: (summary, epilog, usage after "[options]"; None: argparse's own)
+_COMMANDS = {
+    "compare": (
+        "CKA between every layer of model A and every layer of model B.",
+        COMPARE_EPILOG,
+        "A [B]",
+    ),
+    "drift": (
+        "Same-layer CKA of a base model with each of several checkpoints.",
+        DRIFT_EPILOG,
+        "BASE CKPT [CKPT ...]",
+    ),
+    "fingerprint": (
+        "Run ONE model and save what CKA needs of it (a fingerprint).",
+        FINGERPRINT_EPILOG,
+        "MODEL",
+    ),
+    "grid": (
+        "CKA between every pair of N models, each run once, one at a time.",
+        GRID_EPILOG,
+        "M1 M2 [M ...]",
+    ),
+    "plot": ("Re-plot a saved CKA or drift result.", PLOT_EPILOG, None),
+    "push": ("Publish a saved result as a Hub dataset.", PUSH_EPILOG, None),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-cka`` argument parser with its six subcommands (``args.command`` names the one
@@ -60,12 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(
-        name: str, summary: str, epilog: str, usage: str | None = None
-    ) -> argparse.ArgumentParser:
+    def command(name: str) -> argparse.ArgumentParser:
+        summary, epilog, usage = _COMMANDS[name]
         return commands.add_parser(
             name,
-            usage=usage,
+            usage=usage and f"%(prog)s [options] {usage}",
             help=summary,
             description=summary,
             epilog=epilog,
@@ -73,12 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
 
-    compare = command(
-        "compare",
-        "CKA between every layer of model A and every layer of model B.",
-        COMPARE_EPILOG,
-        usage="%(prog)s [options] A [B]",
-    )
+    compare = command("compare")
     models = compare.add_argument_group("models")
     models.add_argument("model_a", metavar="A", help="Hub id, local folder or repo@revision")
     models.add_argument(
@@ -113,12 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_measure(compare)
     add_output(compare, HEATMAP_FILE)
 
-    drift = command(
-        "drift",
-        "Same-layer CKA of a base model with each of several checkpoints.",
-        DRIFT_EPILOG,
-        usage="%(prog)s [options] BASE CKPT [CKPT ...]",
-    )
+    drift = command("drift")
     models = drift.add_argument_group("models")
     models.add_argument("base", metavar="BASE", help="the base model (Hub id, folder, repo@rev)")
     models.add_argument(
@@ -142,12 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         " models' memory; default: one model at a time)",
     )
 
-    fingerprint = command(
-        "fingerprint",
-        "Run ONE model and save what CKA needs of it (a fingerprint).",
-        FINGERPRINT_EPILOG,
-        usage="%(prog)s [options] MODEL",
-    )
+    fingerprint = command("fingerprint")
     models = fingerprint.add_argument_group("model")
     models.add_argument("model", metavar="MODEL", help="Hub id, local folder or repo@revision")
     models.add_argument("--revision", metavar="REV", help="branch, tag or commit of MODEL")
@@ -163,12 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_store_output(fingerprint, "the fingerprint (fingerprint.json, .safetensors, README.md)")
 
-    grid = command(
-        "grid",
-        "CKA between every pair of N models, each run once, one at a time.",
-        GRID_EPILOG,
-        usage="%(prog)s [options] M1 M2 [M ...]",
-    )
+    grid = command("grid")
     models = grid.add_argument_group("models")
     models.add_argument(
         "models", metavar="M", nargs="+", help="models or fingerprints (at least 2)"
@@ -180,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_options(grid)
     add_store_output(grid, "the grid (grid.json, one folder per pair, grid.png)")
 
-    plot = command("plot", "Re-plot a saved CKA or drift result.", PLOT_EPILOG)
-    push = command("push", "Publish a saved result as a Hub dataset.", PUSH_EPILOG)
+    plot, push = command("plot"), command("push")
     for saved in (plot, push):
         saved.add_argument(
             "result_dir", type=Path, metavar="RESULT_DIR", help="a saved result folder"
