@@ -12,12 +12,14 @@
 * :func:`u_centred_with_probes` gives a batch's U-centred Grams with the probes of both checks
   (a :class:`BatchSide` of the minibatch accumulator);
 * :func:`nan_constant_layers` turns the cells of layers constant over the data into NaN;
+* :class:`SidedAccumulator`, the base of the accumulators: their named layers and ``update``;
 * :class:`Accumulator`, the contract every accumulator keeps (re-exported by :mod:`hf_cka.metric`),
   with :func:`check_sides` and :func:`compute_quietly`.
 """
 
 from __future__ import annotations
 
+import abc
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -40,6 +42,8 @@ CONSTANT_RTOL = 1e-20
 # Per-layer scale exponents are multiples of this step: features of ordinary magnitude keep
 # exponent 0 (no rescaling at all), and processes of a distributed run nearly always agree.
 SCALE_STEP = 64
+
+Features = Sequence[torch.Tensor]  # one side of a batch: one ``(n, d)`` tensor per layer
 
 
 def constant_layers(hsic_self: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -193,22 +197,91 @@ def u_centred_with_probes(k: torch.Tensor, kernel: str) -> tuple[torch.Tensor, t
     return u_center_gram(k), torch.stack((energy, probe))
 
 
-def layer_names(
-    num_layers_a: int,
-    num_layers_b: int | None,
-    names_a: Sequence[str] | None = None,
-    names_b: Sequence[str] | None = None,
-) -> tuple[list[str], list[str]]:
-    """Validated display names of both sides (``A[i]``/``B[j]`` by default; side B mirrors A
-    when ``num_layers_b`` is None)."""
-    if num_layers_a < 1 or (num_layers_b is not None and num_layers_b < 1):
-        raise InvalidInputError(
-            f"expected at least one layer on each side, got {num_layers_a} and {num_layers_b}"
+def check_same_samples(n_a: int, n_b: int) -> None:
+    """Both sides of a batch must hold the same samples."""
+    if n_a != n_b:
+        raise ShapeMismatchError(
+            f"model A gave {n_a} samples in this batch and model B {n_b}; both sides must "
+            "describe the same samples"
         )
-    names_a = list(names_a or [f"A[{i}]" for i in range(num_layers_a)])
-    if num_layers_b is None:
-        return names_a, list(names_b or names_a)
-    return names_a, list(names_b or [f"B[{j}]" for j in range(num_layers_b)])
+
+
+class SidedAccumulator(abc.ABC):
+    """The base of the accumulators: ``La`` named layers of side A and ``Lb`` of side B (side A
+    again when ``num_layers_b`` is None: self-similarity), and the public :meth:`update`, which
+    checks the sides and names the batch before the subclass adds it (``_add``).
+
+    Layer names default to ``A[i]``/``B[j]``; side B's mirror side A's for self-similarity.
+    """
+
+    def __init__(
+        self,
+        num_layers_a: int,
+        num_layers_b: int | None = None,
+        layer_names_a: Sequence[str] | None = None,
+        layer_names_b: Sequence[str] | None = None,
+    ) -> None:
+        if num_layers_a < 1 or (num_layers_b is not None and num_layers_b < 1):
+            raise InvalidInputError(
+                f"expected at least one layer on each side, got {num_layers_a} and {num_layers_b}"
+            )
+        self.self_similarity = num_layers_b is None
+        self.num_layers_a = num_layers_a
+        self.num_layers_b = num_layers_a if num_layers_b is None else num_layers_b
+        self.layer_names_a = list(layer_names_a or [f"A[{i}]" for i in range(num_layers_a)])
+        default_b = self.layer_names_a if num_layers_b is None else None
+        self.layer_names_b = list(
+            layer_names_b or default_b or [f"B[{j}]" for j in range(self.num_layers_b)]
+        )
+
+    @property
+    @abc.abstractmethod
+    def n_batches(self) -> int:
+        """Number of batches accumulated so far (all processes after ``sync``)."""
+
+    def update(
+        self,
+        features_a: Features,
+        features_b: Features | None = None,
+        *,
+        batch_index: int | None = None,
+    ) -> None:
+        """Add one batch: one ``(n, d)`` tensor per layer, the same ``n`` samples on both sides
+        (no ``features_b`` for self-similarity).
+
+        ``batch_index`` names the batch in error messages (default: the count so far).
+
+        Raises:
+            InvalidInputError: ``features_b`` given for self-similarity, or missing otherwise.
+            ShapeMismatchError: wrong number of layers (or widths), or differing sample counts.
+            NonFiniteActivationError: a feature tensor holds NaN or Inf (the CKA accumulators).
+            BatchTooSmallError: ``n < 4`` for :class:`~hf_cka.metric.MinibatchCKA`.
+            MemoryBudgetError: the exact estimator's states would exceed ``max_bytes`` (and
+                ``FullDataMemoryError`` the held features of a full-data measure).
+        """
+        check_sides(self, features_b)
+        self._add(features_a, features_b, self.n_batches if batch_index is None else batch_index)
+
+    @abc.abstractmethod
+    def _add(self, features_a: Features, features_b: Features | None, batch_index: int) -> None:
+        """Add one batch whose sides :meth:`update` checked (``batch_index`` for messages)."""
+
+    def _require_batches(self, minimum: int) -> None:
+        if self.n_batches < minimum:
+            raise InvalidInputError(
+                f"expected at least {minimum} accumulated batch(es), got {self.n_batches}; "
+                "call update() with more data first"
+            )
+
+    def _check_mergeable(self, other: SidedAccumulator) -> None:
+        """``other`` must have the same layer counts and sides."""
+        if (other.num_layers_a, other.num_layers_b, other.self_similarity) != (
+            self.num_layers_a, self.num_layers_b, self.self_similarity
+        ):  # fmt: skip
+            raise ShapeMismatchError(
+                f"cannot merge a {other.num_layers_a}x{other.num_layers_b} accumulator into a "
+                f"{self.num_layers_a}x{self.num_layers_b} one"
+            )
 
 
 @runtime_checkable
@@ -271,7 +344,7 @@ def compute_quietly(accumulator: Accumulator) -> torch.Tensor:
         return accumulator.compute()
 
 
-def check_sides(accumulator: Accumulator, features_b: object) -> None:
+def check_sides(accumulator: SidedAccumulator, features_b: object) -> None:
     """``features_b`` must be absent for a self-similarity accumulator and present otherwise."""
     name = type(accumulator).__name__
     if accumulator.self_similarity and features_b is not None:

@@ -21,45 +21,21 @@ import argparse
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from . import __version__, distributed
+from . import distributed
 from .cli_args import (
-    DPI,
     DRIFT_PLOT_FILE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     HEATMAP_FILE,
-    MAX_DPI,
-    PARTS,
     PROG,
     RUN_OPTION_NAMES,
-    HelpFormatter,
-    Parser,
-    add_data,
-    add_estimator,
-    add_layer_choice,
-    add_loading,
-    add_measure,
-    add_output,
-    add_store_options,
-    add_store_output,
-    colormap_name,
-    dpi_value,
-    layer_list,
-)
-from .cli_help import (
-    COMPARE_EPILOG,
-    DESCRIPTION,
-    DRIFT_EPILOG,
-    FINGERPRINT_EPILOG,
-    GRID_EPILOG,
-    MAIN_EPILOG,
-    PLOT_EPILOG,
-    PUSH_EPILOG,
 )
 from .cli_output import (
+    Saved,
     check_output_folder,
     check_writable,
     compare_summary,
@@ -69,216 +45,27 @@ from .cli_output import (
     is_drift,
     load_result,
     plot_file_of,
+    push,
     render_png,
     save_result,
+    save_store,
 )
+from .cli_parser import build_parser
 from .errors import HfCkaError, InvalidInputError
-from .options import DEFAULTS, RunOptions
-from .pooling import Pooling
-from .tokens import clean_token, scrub
+from .options import RunOptions
+from .tokens import scrub
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``hf-cka`` argument parser with its six subcommands."""
-    debug = Parser(add_help=False)
-    debug.add_argument(
-        "--debug", action="store_true", help="show the full traceback when something fails"
-    )
-    parser = Parser(
-        prog=PROG, description=DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=HelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(
-        name: str, summary: str, epilog: str, usage: str | None = None
-    ) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            usage=usage,
-            help=summary,
-            description=summary,
-            epilog=epilog,
-            parents=[debug],
-            formatter_class=HelpFormatter,
-        )
-
-    compare = command(
-        "compare",
-        "CKA between every layer of model A and every layer of model B.",
-        COMPARE_EPILOG,
-        usage="%(prog)s [options] A [B]",
-    )
-    compare.set_defaults(handler=_compare)
-    models = compare.add_argument_group("models")
-    models.add_argument("model_a", metavar="A", help="Hub id, local folder or repo@revision")
-    models.add_argument(
-        "model_b",
-        metavar="B",
-        nargs="?",
-        help="the second model (default: A itself, or A at --revision-b)",
-    )
-    models.add_argument("--revision-a", metavar="REV", help="branch, tag or commit of A")
-    models.add_argument(
-        "--revision-b",
-        metavar="REV",
-        help="branch, tag or commit of B; with B omitted, of A (compares two revisions of A)",
-    )
-    models.add_argument(
-        "--layers-a",
-        type=layer_list,
-        default="auto",
-        metavar="LAYERS",
-        help="layers of A: 'auto' (default) or comma-separated names/indices such as 0,-1",
-    )
-    models.add_argument(
-        "--layers-b",
-        type=layer_list,
-        metavar="LAYERS",
-        help="layers of B (default: 'auto', or --layers-a when B is omitted)",
-    )
-    models.add_argument(
-        "--part-a",
-        choices=PARTS,
-        default="encoder",
-        help="which stack of an encoder-decoder A to use, or which tower of a CLIP-style A"
-        " (vision, text) (default: encoder)",
-    )
-    models.add_argument(
-        "--part-b",
-        choices=PARTS,
-        help="which stack of B (default: encoder, or --part-a when B is omitted)",
-    )
-    add_loading(compare)
-    add_data(compare)
-    add_estimator(compare)
-    add_measure(compare)
-    add_output(compare, HEATMAP_FILE)
-
-    drift = command(
-        "drift",
-        "Same-layer CKA of a base model with each of several checkpoints.",
-        DRIFT_EPILOG,
-        usage="%(prog)s [options] BASE CKPT [CKPT ...]",
-    )
-    drift.set_defaults(handler=_drift)
-    models = drift.add_argument_group("models")
-    models.add_argument("base", metavar="BASE", help="the base model (Hub id, folder, repo@rev)")
-    models.add_argument(
-        "checkpoints", metavar="CKPT", nargs="+", help="checkpoints to compare with the base"
-    )
-    models.add_argument("--revision", metavar="REV", help="branch, tag or commit of BASE")
-    models.add_argument(
-        "--layers",
-        type=layer_list,
-        default="auto",
-        metavar="LAYERS",
-        help="layers, the same in every model: 'auto' (default) or names/indices such as 0,-1",
-    )
-    models.add_argument(
-        "--part",
-        choices=PARTS,
-        default="encoder",
-        help="stack (encoder, decoder) or tower (vision, text) to use (default: encoder)",
-    )
-    add_loading(drift)
-    add_data(drift)
-    add_estimator(drift)
-    add_output(drift, DRIFT_PLOT_FILE)
-    drift.add_argument(
-        "--all-models-at-once",
-        dest="one_model_at_a_time",
-        action="store_false",
-        help="load the base and every checkpoint together and stream the data once (needs k + 1"
-        " models' memory; default: one model at a time)",
-    )
-
-    fingerprint = command(
-        "fingerprint",
-        "Run ONE model and save what CKA needs of it (a fingerprint).",
-        FINGERPRINT_EPILOG,
-        usage="%(prog)s [options] MODEL",
-    )
-    fingerprint.set_defaults(handler=_fingerprint)
-    models = fingerprint.add_argument_group("model")
-    models.add_argument("model", metavar="MODEL", help="Hub id, local folder or repo@revision")
-    models.add_argument("--revision", metavar="REV", help="branch, tag or commit of MODEL")
-    add_layer_choice(models)
-    add_loading(fingerprint)
-    add_data(fingerprint)
-    add_store_options(fingerprint)
-    fingerprint.add_argument(
-        "--pooling",
-        choices=[p for p in get_args(Pooling) if p != "tokens"],
-        default=DEFAULTS.pooling,
-        help="how token activations become one vector per example (default: mean)",
-    )
-    add_store_output(fingerprint, "the fingerprint (fingerprint.json, .safetensors, README.md)")
-
-    grid = command(
-        "grid",
-        "CKA between every pair of N models, each run once, one at a time.",
-        GRID_EPILOG,
-        usage="%(prog)s [options] M1 M2 [M ...]",
-    )
-    grid.set_defaults(handler=_grid)
-    models = grid.add_argument_group("models")
-    models.add_argument(
-        "models", metavar="M", nargs="+", help="models or fingerprints (at least 2)"
-    )
-    add_layer_choice(models)
-    add_loading(grid)
-    add_data(grid)
-    add_estimator(grid)
-    add_measure(grid)
-    add_store_options(grid)
-    add_store_output(grid, "the grid (grid.json, one folder per pair, grid.png)")
-
-    plot = command("plot", "Re-plot a saved CKA or drift result.", PLOT_EPILOG)
-    plot.set_defaults(handler=_plot)
-    plot.add_argument("result_dir", type=Path, metavar="RESULT_DIR", help="a saved result folder")
-    plot.add_argument(
-        "--output",
-        "-o",
-        type=Path,
-        metavar="PNG",
-        help=f"image file to write (default: RESULT_DIR/{HEATMAP_FILE}, or {DRIFT_PLOT_FILE}"
-        " for a drift)",
-    )
-    plot.add_argument("--annot", action="store_true", help="write each value in its heatmap cell")
-    plot.add_argument(
-        "--cmap", type=colormap_name, default="magma", help="matplotlib colour map (default: magma)"
-    )
-    plot.add_argument(
-        "--dpi", type=dpi_value, default=DPI, help=f"resolution, 1 to {MAX_DPI} (default: {DPI})"
-    )
-
-    push = command("push", "Publish a saved result as a Hub dataset.", PUSH_EPILOG)
-    push.set_defaults(handler=_push_command)
-    push.add_argument("result_dir", type=Path, metavar="RESULT_DIR", help="a saved result folder")
-    push.add_argument("repo_id", metavar="REPO_ID", help="dataset repo, e.g. me/bert-sst2-cka")
-    push.add_argument(
-        "--private", action="store_true", help="make a newly created Hub dataset private"
-    )
-    push.add_argument(
-        "--token",
-        type=clean_token,
-        help="Hub token (default: your saved login or HF_TOKEN); never printed",
-    )
-    return parser
+# the options passed through to AutoCKA under their argparse dests
+_LOADING = ("dtype", "device", "device_map", "trust_remote_code", "token")
+_STORE = ("layers", "part", "shuffle_seed", "features")
 
 
 # --------------------------------------------------------------------------- commands
 
 
-def _loading_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "dtype": args.dtype,
-        "device": args.device,
-        "device_map": args.device_map,
-        "trust_remote_code": args.trust_remote_code,
-        "token": args.token,
-    }
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options ``names`` of the command line, as keywords of the same names."""
+    return {name: getattr(args, name) for name in names}
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
@@ -326,21 +113,13 @@ def _compare(args: argparse.Namespace) -> int:
     auto = AutoCKA.from_pretrained(
         args.model_a,
         model_b,
-        revision_a=args.revision_a,
-        revision_b=args.revision_b,
-        layers_a=args.layers_a,
         layers_b=args.layers_b or (args.layers_a if b_omitted else "auto"),
-        part_a=args.part_a,
         part_b=args.part_b or (args.part_a if b_omitted else "encoder"),
         pooling=options.pooling,
-        **_loading_options(args),
+        **_given(args, "revision_a", "revision_b", "layers_a", "part_a", *_LOADING),
     )
     result = auto.compare(args.dataset, options)
-    if not distributed.is_main_process():  # every process holds the result: one writes it
-        return 0
-    saved = save_result(result, output, HEATMAP_FILE, args)
-    print(compare_summary(result, saved.folder, saved.url))
-    return saved.report()
+    return _finish(result, lambda: save_result(result, output, HEATMAP_FILE, args), compare_summary)
 
 
 def _drift(args: argparse.Namespace) -> int:
@@ -351,18 +130,10 @@ def _drift(args: argparse.Namespace) -> int:
         args.base,
         args.checkpoints,
         args.dataset,
-        revision=args.revision,
-        layers=args.layers,
-        part=args.part,
-        one_model_at_a_time=args.one_model_at_a_time,
         options=options,
-        **_loading_options(args),
+        **_given(args, "revision", "layers", "part", "one_model_at_a_time", *_LOADING),
     )
-    if not distributed.is_main_process():
-        return 0
-    saved = save_result(drift, output, DRIFT_PLOT_FILE, args)
-    print(drift_summary(drift, saved.folder, saved.url))
-    return saved.report()
+    return _finish(drift, lambda: save_result(drift, output, DRIFT_PLOT_FILE, args), drift_summary)
 
 
 def _fingerprint(args: argparse.Namespace) -> int:
@@ -374,25 +145,11 @@ def _fingerprint(args: argparse.Namespace) -> int:
     fingerprint = AutoCKA.fingerprint(
         args.model,
         args.dataset,
-        revision=args.revision,
-        layers=args.layers,
-        part=args.part,
-        shuffle_seed=args.shuffle_seed,
-        features=args.features,
         shards_dir=folder / SHARDS_DIR,  # a killed run resumes from them; save() removes them
         options=options,
-        **_loading_options(args),
+        **_given(args, "revision", *_STORE, *_LOADING),
     )
-    if not distributed.is_main_process():
-        return 0
-    fingerprint.save(folder)
-    url = None
-    if args.push_to_hub:
-        url = fingerprint.push_to_hub(
-            args.push_to_hub, private=args.private or None, token=args.token
-        )
-    print(fingerprint_summary(fingerprint, folder, url))
-    return 0
+    return _finish(fingerprint, lambda: save_store(fingerprint, folder, args), fingerprint_summary)
 
 
 def _grid(args: argparse.Namespace) -> int:
@@ -403,26 +160,26 @@ def _grid(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"a grid needs at least 2 models, got {args.models}")
     options, output = _prepare_run(args)
     grid = AutoCKA.grid(
-        args.models,
-        args.dataset,
-        layers=args.layers,
-        part=args.part,
-        shuffle_seed=args.shuffle_seed,
-        features=args.features,
-        options=options,
-        **_loading_options(args),
+        args.models, args.dataset, options=options, **_given(args, *_STORE, *_LOADING)
     )
+
+    def save() -> Saved:
+        folder = output or DEFAULT_LOCAL_ROOT / grid.grid_id
+        return save_store(grid, folder, args, local_dir=folder)
+
+    return _finish(grid, save, grid_summary)
+
+
+def _finish(
+    made: Any, save: Callable[[], Saved], summary: Callable[[Any, Path, str | None], str]
+) -> int:
+    """On the main process only (every process holds what the run made: one writes it): save it
+    (and push it when asked), print its summary; the exit status."""
     if not distributed.is_main_process():
         return 0
-    folder = output or DEFAULT_LOCAL_ROOT / grid.grid_id
-    grid.save(folder)
-    url = None
-    if args.push_to_hub:
-        url = grid.push_to_hub(
-            args.push_to_hub, private=args.private or None, token=args.token, local_dir=folder
-        )
-    print(grid_summary(grid, folder, url))
-    return 0
+    saved = save()
+    print(summary(made, saved.folder, saved.url))
+    return saved.report()
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -446,14 +203,21 @@ def _plot(args: argparse.Namespace) -> int:
 def _push_command(args: argparse.Namespace) -> int:
     result = load_result(args.result_dir)
     if distributed.is_main_process():
-        url = result.push_to_hub(
-            args.repo_id, private=args.private or None, token=args.token, local_dir=args.result_dir
-        )
+        url = push(result, args.repo_id, args, local_dir=args.result_dir)
         print(f"pushed {args.result_dir} to {url}")
     return 0
 
 
 # --------------------------------------------------------------------------- entry point
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "compare": _compare,
+    "drift": _drift,
+    "fingerprint": _fingerprint,
+    "grid": _grid,
+    "plot": _plot,
+    "push": _push_command,
+}
 
 
 def _fail(err: BaseException, args: argparse.Namespace) -> int:
@@ -480,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     try:
-        return args.handler(args)
+        return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         saved = getattr(args, "checkpoint_dir", None)
         resume = f"; progress is saved in {saved}: run the same command to resume" if saved else ""

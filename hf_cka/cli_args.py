@@ -1,8 +1,8 @@
 """The pieces of the ``hf-cka`` argument parser: constants, argument types and the option groups
 that its commands share (:func:`add_loading`, :func:`add_data`, :func:`add_estimator`,
 :func:`add_measure`, :func:`add_output`, :func:`add_layer_choice`, :func:`add_store_options`,
-:func:`add_store_output`). :func:`hf_cka.cli.build_parser` assembles them with the help texts of
-:mod:`hf_cka.cli_help`.
+:func:`add_store_output`, :func:`add_private`). :func:`hf_cka.cli_parser.build_parser` assembles
+them with the help texts of :mod:`hf_cka.cli_help`.
 
 Nothing heavy is imported here: ``hf-cka --help`` must stay fast.
 """
@@ -336,28 +336,12 @@ def _scalar(text: str) -> int | float | str:
 
 
 def add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--output",
-        "-o",
-        metavar="DIR",
-        help=f"folder to write the result and {plot_file} to: new, empty or holding an earlier"
-        " result; checked before any model is loaded (default: a new folder"
-        " ./cka-results/<run id>/)",
-    )
-    group.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        help="also publish the result as a Hub dataset (created if missing; runs accumulate)",
-    )
-    group.add_argument(
-        "--private", action="store_true", help="make a newly created Hub dataset private"
-    )
-    group.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="hide progress bars (for logs and CI)",
+    """The output options of a run (``compare``, ``drift``), checkpoints included."""
+    group = _add_publishing(
+        parser,
+        f"folder to write the result and {plot_file} to: new, empty or holding an earlier result;"
+        " checked before any model is loaded (default: a new folder ./cka-results/<run id>/)",
+        "also publish the result as a Hub dataset (created if missing; runs accumulate)",
     )
     group.add_argument(
         "--checkpoint-dir",
@@ -374,20 +358,51 @@ def add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
     )
 
 
-def add_layer_choice(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--layers",
-        type=layer_list,
-        default="auto",
-        metavar="LAYERS",
-        help="layers: 'auto' (default) or comma-separated names/indices such as 0,-1",
+def add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
+    """The output options of a store (``fingerprint``, ``grid``): ``what`` is written."""
+    _add_publishing(
+        parser, f"folder to write {what} to", "also publish it as a Hub dataset (one commit)"
     )
+
+
+def _add_publishing(
+    parser: argparse.ArgumentParser, output_help: str, push_help: str
+) -> argparse._ArgumentGroup:
+    """The ``output`` group: ``--output``, ``--push-to-hub``, ``--private``, ``--no-progress``."""
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", "-o", metavar="DIR", help=output_help)
+    group.add_argument("--push-to-hub", metavar="REPO_ID", help=push_help)
+    add_private(group)
     group.add_argument(
-        "--part",
-        choices=PARTS,
-        default="encoder",
-        help="stack (encoder, decoder) or tower (vision, text) to use (default: encoder)",
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (for logs and CI)",
     )
+    return group
+
+
+def add_private(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--private", action="store_true", help="make a newly created Hub dataset private"
+    )
+
+
+def add_layer_choice(
+    group: argparse._ArgumentGroup,
+    suffix: str = "",
+    *,
+    layers_help: str = "layers: 'auto' (default) or comma-separated names/indices such as 0,-1",
+    part_help: str = "stack (encoder, decoder) or tower (vision, text) to use (default: encoder)",
+    defaults: bool = True,
+) -> None:
+    """``--layers`` and ``--part`` (``--layers-a`` and ``--part-a`` for ``suffix="-a"``);
+    without ``defaults`` they are None when not given."""
+    layers, part = ("auto", "encoder") if defaults else (None, None)
+    group.add_argument(
+        f"--layers{suffix}", type=layer_list, default=layers, metavar="LAYERS", help=layers_help
+    )
+    group.add_argument(f"--part{suffix}", choices=PARTS, default=part, help=part_help)
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -403,21 +418,4 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
         "--features",
         action="store_true",
         help="also store the pooled features (needed by --estimator linear/debiased)",
-    )
-
-
-def add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
-    group = parser.add_argument_group("output")
-    group.add_argument("--output", "-o", metavar="DIR", help=f"folder to write {what} to")
-    group.add_argument(
-        "--push-to-hub", metavar="REPO_ID", help="also publish it as a Hub dataset (one commit)"
-    )
-    group.add_argument(
-        "--private", action="store_true", help="make a newly created Hub dataset private"
-    )
-    group.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="hide progress bars (for logs and CI)",
     )

@@ -1,6 +1,7 @@
 """The help texts of ``hf-cka``: the description and each command's epilog of examples.
 
-:func:`hf_cka.cli.build_parser` puts them into the parser (plain strings: ``--help`` stays fast).
+:func:`hf_cka.cli_parser.build_parser` puts them into the parser (plain strings: ``--help`` stays
+fast).
 """
 
 DESCRIPTION = """\

@@ -154,11 +154,22 @@ def save_result(
         saved.folder = _write_somewhere(result, plot_file, fallbacks, result_id)
         reason = " ".join(str(err).split())
         saved.failure = f"could not save to {output or default} ({reason}); saved to {saved.folder}"
-    if args.push_to_hub:
-        saved.url = result.push_to_hub(
-            args.push_to_hub, private=args.private or None, token=args.token, local_dir=saved.folder
-        )
+    saved.url = push(result, args.push_to_hub, args, local_dir=saved.folder)
     return saved
+
+
+def save_store(store: Any, folder: Path, args: argparse.Namespace, **push_options: Any) -> Saved:
+    """Save a fingerprint or a grid to ``folder``, then push it when asked."""
+    store.save(folder)
+    return Saved(folder, push(store, args.push_to_hub, args, **push_options))
+
+
+def push(store: Any, repo_id: str | None, args: argparse.Namespace, **options: Any) -> str | None:
+    """``store.push_to_hub(repo_id)`` with ``--private`` and ``--token``; its URL (None without a
+    ``repo_id``)."""
+    if not repo_id:
+        return None
+    return store.push_to_hub(repo_id, private=args.private or None, token=args.token, **options)
 
 
 def _write(result: Any, folder: Path, plot_file: str) -> None:
@@ -218,6 +229,16 @@ def _numbers(values: Sequence[float]) -> str:
     return textwrap.fill("  ".join(f"{value:.3f}" for value in values), width=SUMMARY_WIDTH)
 
 
+def _values(values: Sequence[float]) -> str:
+    """One row of a matrix: values with 3 decimals in columns 7 wide."""
+    return "".join(f"{value:>7.3f}" for value in values)
+
+
+def _destinations(saved: str, url: str | None) -> list[tuple[str, str]]:
+    """The ``saved to`` row, and the ``pushed to`` row after a push."""
+    return [("saved to", saved)] + ([("pushed to", url)] if url else [])
+
+
 def compare_summary(result: Any, folder: Path, url: str | None) -> str:
     from .measures import measure_label
 
@@ -248,10 +269,8 @@ def compare_summary(result: Any, folder: Path, url: str | None) -> str:
     if result.null is not None:
         chance = torch.nanmean(result.null).item()
         rows.append((f"chance {label}", f"{chance:.4f} (mean with B's samples permuted)"))
-    rows.append(("saved to", f"{folder}/ (result.json, tensors.safetensors, {HEATMAP_FILE})"))
-    if url:
-        rows.append(("pushed to", url))
-    return _table(rows)
+    saved = f"{folder}/ (result.json, tensors.safetensors, {HEATMAP_FILE})"
+    return _table(rows + _destinations(saved, url))
 
 
 def drift_summary(drift: Any, folder: Path, url: str | None) -> str:
@@ -264,12 +283,10 @@ def drift_summary(drift: Any, folder: Path, url: str | None) -> str:
     columns = "".join(f"{f'[{i}]':>7}" for i in range(1, len(drift.checkpoints) + 1))
     table = [f"{'layer':<{width}}{columns}"]
     for layer, values in zip(drift.layers, drift.similarity.tolist(), strict=True):
-        table.append(f"{layer:<{width}}" + "".join(f"{value:>7.3f}" for value in values))
-    footer = [("saved to", f"{folder}/ (drift.json, one folder per checkpoint, {DRIFT_PLOT_FILE})")]
-    if url:
-        footer.append(("pushed to", url))
+        table.append(f"{layer:<{width}}" + _values(values))
+    saved = f"{folder}/ (drift.json, one folder per checkpoint, {DRIFT_PLOT_FILE})"
     title = "same-layer CKA with the base (1 = unchanged):"
-    return "\n".join([_table(rows), "", title, *table, "", _table(footer)])
+    return "\n".join([_table(rows), "", title, *table, "", _table(_destinations(saved, url))])
 
 
 def fingerprint_summary(fingerprint: Any, folder: Path, url: str | None) -> str:
@@ -280,11 +297,8 @@ def fingerprint_summary(fingerprint: Any, folder: Path, url: str | None) -> str:
         ("layers", f"{len(fingerprint.layers)} (pooling={settings.get('pooling')})"),
         ("samples", f"{fingerprint.n_samples} in {len(fingerprint.batch_sizes)} batches of"
                     f" {settings.get('batch_size')} from {fingerprint.data.get('dataset')}"),
-        ("saved to", f"{folder}/"),
     ]  # fmt: skip
-    if url:
-        rows.append(("pushed to", url))
-    return _table(rows)
+    return _table(rows + _destinations(f"{folder}/", url))
 
 
 def grid_summary(grid: Any, folder: Path, url: str | None) -> str:
@@ -294,9 +308,7 @@ def grid_summary(grid: Any, folder: Path, url: str | None) -> str:
     rows.append(("samples", _samples_line(Provenance.from_dict(grid.results[0, 1].metadata))))
     summary = [f"{'':>8}" + "".join(f"{f'[{j}]':>7}" for j in range(len(grid.models)))]
     for i, values in enumerate(grid.summary.tolist()):
-        summary.append(f"{f'[{i}]':>8}" + "".join(f"{value:>7.3f}" for value in values))
-    footer = [("saved to", f"{folder}/ (grid.json, one folder per pair, {GRID_PLOT_FILE})")]
-    if url:
-        footer.append(("pushed to", url))
+        summary.append(f"{f'[{i}]':>8}" + _values(values))
+    saved = f"{folder}/ (grid.json, one folder per pair, {GRID_PLOT_FILE})"
     title = f"mean over the layers of [i] of their best {grid.measure_label} in [j]:"
-    return "\n".join([_table(rows), "", title, *summary, "", _table(footer)])
+    return "\n".join([_table(rows), "", title, *summary, "", _table(_destinations(saved, url))])

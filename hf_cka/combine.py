@@ -30,9 +30,8 @@ from .provenance import (
     Provenance,
     library_versions,
 )
-from .runner import Accumulated
+from .runner import Accumulated, new_metric
 from .statistics import null_order
-from .streaming import new_accumulator
 
 # compare() options that only the single-stream path has
 _STREAM_ONLY = ("callback", "target_stderr", "checkpoint_dir")
@@ -105,22 +104,9 @@ def combine(
     names_a, names_b = [a.layers[i] for i in index_a], [b.layers[i] for i in index_b]
     same = a is b and index_a == index_b
 
-    def accumulator(two_sided: bool) -> Any:
-        return new_accumulator(
-            options.estimator,
-            len(names_a),
-            len(names_b) if two_sided else None,
-            kernel=options.kernel,
-            threshold=options.threshold,
-            layer_names_a=names_a,
-            layer_names_b=names_b,
-            max_bytes=options.max_bytes,
-            measure=options.measure,
-            measure_params=options.measure_params,
-        )
-
     accumulated = Accumulated(
-        accumulator(not same), [accumulator(True) for _ in range(options.null_permutations)]
+        new_metric(options, names_a, None if same else names_b),
+        [new_metric(options, names_a, names_b) for _ in range(options.null_permutations)],
     )
     minibatch = isinstance(accumulated.metric, MinibatchCKA)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence, Sized
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -120,12 +119,7 @@ class CKA:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         for capture in self._captures:
             capture.remove()
         self._captures = []
@@ -133,15 +127,10 @@ class CKA:
             module.training = training
         self._modes = {}
 
-    def __call__(
-        self,
-        dataloader: Iterable[Any],
-        callback: Callback | None = None,
-        progress: bool | None = None,
-    ) -> torch.Tensor:
-        """``with self: return self.compare(dataloader, callback)``."""
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``with self: return self.compare(...)``, with the arguments of :meth:`compare`."""
         with self:
-            return self.compare(dataloader, callback=callback, progress=progress)
+            return self.compare(*args, **kwargs)
 
     # ------------------------------------------------------------------ computation
     def batch_features(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

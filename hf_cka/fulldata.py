@@ -16,12 +16,12 @@ from typing import Any, Self
 
 import torch
 
-from .accumulation import layer_names
+from .accumulation import Features, SidedAccumulator
 from .errors import InvalidInputError, ShapeMismatchError
 from .measures import Measure, estimate_bytes, similarity
 
 
-class FullDataMeasure:
+class FullDataMeasure(SidedAccumulator):
     """Holds the pooled features of ``La`` layers of side A and ``Lb`` of side B.
 
     Args:
@@ -52,13 +52,8 @@ class FullDataMeasure:
                 "measure='cka' streams (MinibatchCKA, StreamingLinearCKA); FullDataMeasure "
                 "holds the features of the other measures"
             )
+        super().__init__(num_layers_a, num_layers_b, layer_names_a, layer_names_b)
         self.measure, self.params, self.max_bytes = measure, dict(params), max_bytes
-        self.self_similarity = num_layers_b is None
-        self.layer_names_a, self.layer_names_b = layer_names(
-            num_layers_a, num_layers_b, layer_names_a, layer_names_b
-        )
-        self.num_layers_a = num_layers_a
-        self.num_layers_b = num_layers_a if num_layers_b is None else num_layers_b
         self.rows_a: list[list[torch.Tensor]] = [[] for _ in range(num_layers_a)]
         self.rows_b: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers_b)]
         self._batches = 0
@@ -73,24 +68,9 @@ class FullDataMeasure:
         """Number of samples held."""
         return sum(rows.shape[0] for rows in self.rows_a[0])
 
-    def update(
-        self,
-        features_a: Sequence[torch.Tensor],
-        features_b: Sequence[torch.Tensor] | None = None,
-        *,
-        batch_index: int | None = None,
-    ) -> None:
-        """Keep one batch: one ``(n, d)`` tensor per layer and side (flattened beyond 2-d).
-
-        Raises:
-            ShapeMismatchError: the wrong number of layers, or sides of different sample counts.
-            FullDataMemoryError: holding this batch would exceed ``max_bytes``.
-        """
-        if (features_b is None) != self.self_similarity:
-            raise InvalidInputError(
-                "features_b must be None exactly when the accumulator compares one side with "
-                f"itself (self_similarity={self.self_similarity})"
-            )
+    def _add(self, features_a: Features, features_b: Features | None, batch_index: int) -> None:
+        """Keep one batch, each layer's rows flattened to ``(n, d)`` (``FullDataMemoryError``
+        when holding it would exceed ``max_bytes``)."""
         sides = [(features_a, self.rows_a)]
         if features_b is not None:
             sides.append((features_b, self.rows_b))
@@ -120,8 +100,7 @@ class FullDataMeasure:
 
     def compute(self) -> torch.Tensor:
         """The ``(La, Lb)`` float64 matrix of the measure over every held sample (on the CPU)."""
-        if not self._batches:
-            raise InvalidInputError("no batch was accumulated; call update() first")
+        self._require_batches(1)
         side_a = [torch.cat(rows) for rows in self.rows_a]
         side_b = side_a if self.self_similarity else [torch.cat(rows) for rows in self.rows_b]
         matrix = torch.empty(self.num_layers_a, self.num_layers_b, dtype=torch.float64)

@@ -59,35 +59,23 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _PUSH_ERRORS: tuple[type[BaseException], ...] = (OSError, ResultFormatError, *NETWORK_ERRORS)
 _SUMMARY_KEYS = ("run_id", "model_a", "model_b", "created_at", "num_layers_a", "num_layers_b")
 
+
+def _columns(kind: pa.DataType, *names: str) -> list[tuple[str, pa.DataType]]:
+    """Schema columns ``names``, all of type ``kind`` (in this order)."""
+    return [(name, kind) for name in names]
+
+
 SCORES_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("model_a", pa.string()),
-        ("model_b", pa.string()),
-        ("layer_a", pa.string()),
-        ("layer_b", pa.string()),
-        ("index_a", pa.int64()),
-        ("index_b", pa.int64()),
-        ("cka", pa.float64()),
-        ("stderr", pa.float64()),
-        ("null", pa.float64()),
-    ]
+    _columns(pa.string(), "run_id", "model_a", "model_b", "layer_a", "layer_b")
+    + _columns(pa.int64(), "index_a", "index_b")
+    + _columns(pa.float64(), "cka", "stderr", "null")
 )
 RUNS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("model_a", pa.string()),
-        ("model_b", pa.string()),
-        ("created_at", pa.string()),
-        ("num_layers_a", pa.int64()),
-        ("num_layers_b", pa.int64()),
-        ("has_stderr", pa.bool_()),
-        ("has_null", pa.bool_()),
-        ("schema_version", pa.int64()),
-        ("layers_a_json", pa.string()),
-        ("layers_b_json", pa.string()),
-        ("metadata_json", pa.string()),
-    ]
+    _columns(pa.string(), "run_id", "model_a", "model_b", "created_at")
+    + _columns(pa.int64(), "num_layers_a", "num_layers_b")
+    + _columns(pa.bool_(), "has_stderr", "has_null")
+    + _columns(pa.int64(), "schema_version")
+    + _columns(pa.string(), "layers_a_json", "layers_b_json", "metadata_json")
 )
 
 

@@ -42,14 +42,16 @@ import torch
 from .accumulation import (
     Accumulator,
     BatchSide,
+    Features,
+    SidedAccumulator,
     StderrAccumulator,
     check_finite_layers,
+    check_same_samples,
     check_sides,
     common_exponents,
     compute_quietly,
     constant_layers,
     exponent_header,
-    layer_names,
     nan_constant_layers,
     scale_exponents,
     scaled_features,
@@ -83,7 +85,7 @@ _DEGREES = {
 }  # fmt: skip
 
 
-class MinibatchCKA:
+class MinibatchCKA(SidedAccumulator):
     """Accumulates minibatch CKA between ``La`` layers of model A and ``Lb`` layers of model B.
 
     Args:
@@ -124,14 +126,9 @@ class MinibatchCKA:
     ) -> None:
         if kernel not in KERNELS:
             raise InvalidInputError(f"expected kernel in {KERNELS}, got {kernel!r}")
-        self.self_similarity = num_layers_b is None
-        self.num_layers_a = num_layers_a
-        self.num_layers_b = num_layers_a if num_layers_b is None else num_layers_b
+        super().__init__(num_layers_a, num_layers_b, layer_names_a, layer_names_b)
         self.kernel = kernel
         self.threshold = check_threshold(threshold) if kernel == "rbf" else threshold
-        self.layer_names_a, self.layer_names_b = layer_names(
-            num_layers_a, num_layers_b, layer_names_a, layer_names_b
-        )
         self.reset()
 
     # ----------------------------------------------------------------------------- states
@@ -175,10 +172,7 @@ class MinibatchCKA:
         missing = set(self.states) - set(states)
         if missing:
             raise ShapeMismatchError(f"state dict lacks {sorted(missing)}; was it saved by hf_cka?")
-        exponents = {
-            "exponent_a": self.exponents_a,
-            "exponent_b": self.exponents_b,
-        }
+        exponents = {"exponent_a": self.exponents_a, "exponent_b": self.exponents_b}
         loaded = {}
         for key, current in [*self.states.items(), *exponents.items()]:
             value = states.get(key, torch.zeros_like(current)).to(torch.float64).cpu()
@@ -199,11 +193,7 @@ class MinibatchCKA:
         States of differing scale exponents are first re-expressed at the larger exponent of
         each layer (``other`` is left untouched).
         """
-        if (other.num_layers_a, other.num_layers_b) != (self.num_layers_a, self.num_layers_b):
-            raise ShapeMismatchError(
-                f"cannot merge a {other.num_layers_a}x{other.num_layers_b} accumulator into a "
-                f"{self.num_layers_a}x{self.num_layers_b} one"
-            )
+        self._check_mergeable(other)
         if other.n_batches == 0:
             return self
         if self.n_batches == 0:
@@ -237,11 +227,9 @@ class MinibatchCKA:
                 self.states = self._rescaled(common_a, common_b)
                 flat = all_reduce_sum(self._flat()).to(torch.float64).cpu()
             self._set_exponents(common_a, common_b)
-        offset = 0
-        for key, value in self.states.items():
-            size = value.numel()
-            self.states[key] = flat[offset : offset + size].reshape(value.shape)
-            offset += size
+        parts = flat.split([value.numel() for value in self.states.values()])
+        for (key, value), part in zip(self.states.items(), parts, strict=True):
+            self.states[key] = part.reshape(value.shape)
         self._scale_fixed = self.n_batches > 0
 
     def _flat(self) -> torch.Tensor:
@@ -279,23 +267,7 @@ class MinibatchCKA:
         return out
 
     # ----------------------------------------------------------------------------- update
-    def update(
-        self,
-        features_a: Sequence[torch.Tensor],
-        features_b: Sequence[torch.Tensor] | None = None,
-        *,
-        batch_index: int | None = None,
-    ) -> None:
-        """Add one batch: one ``(n, d)`` tensor per layer, the same ``n`` samples on both sides.
-
-        ``batch_index`` names the batch in error messages (default: the count so far).
-
-        Raises:
-            BatchTooSmallError: ``n < 4`` (the unbiased HSIC is undefined).
-            NonFiniteActivationError: a feature tensor holds NaN or Inf.
-            ShapeMismatchError: wrong number of layers or differing sample counts.
-        """
-        check_sides(self, features_b)
+    def _add(self, features_a: Features, features_b: Features | None, batch_index: int) -> None:
         first = not self._scale_fixed  # the first batch fixes the scale exponents of the run
         given = [(features_a, self.num_layers_a, self.layer_names_a, self.exponents_a, "A")]
         if features_b is not None:
@@ -323,6 +295,7 @@ class MinibatchCKA:
         scale exponents come from ``max sqrt(D)`` (distances scale as the features).
         """
         check_sides(self, distances_b)
+        where = self.n_batches if batch_index is None else batch_index
         first = not self._scale_fixed
         given = [(distances_a, self.num_layers_a, self.layer_names_a, self.exponents_a)]
         if distances_b is not None:
@@ -338,18 +311,13 @@ class MinibatchCKA:
             scaled = torch.stack(scaled_features(layers, 2 * exps))  # D scales as x^2
             grams = gram_from_distances(scaled, self.kernel, self.threshold)
             sides.append(BatchSide(names, layers, exps, u_centred_with_probes(grams, self.kernel)))
-        self._add_batch(sides, batch_index, first)
+        self._add_batch(sides, where, first)
 
-    def _add_batch(self, sides: list[BatchSide], batch_index: int | None, first: bool) -> None:
-        """Accumulate one batch given by one side (self-similarity) or two; the first batch of
-        the run fixes the scale exponents."""
-        where = self.n_batches if batch_index is None else batch_index
+    def _add_batch(self, sides: list[BatchSide], where: int, first: bool) -> None:
+        """Accumulate one batch (``where`` its index) given by one side (self-similarity) or
+        two; the first batch of the run fixes the scale exponents."""
         n = sides[0].centred[0].shape[-1]
-        if sides[-1].centred[0].shape[-1] != n:
-            raise ShapeMismatchError(
-                f"model A gave {n} samples in this batch and model B "
-                f"{sides[-1].centred[0].shape[-1]}; both sides must describe the same samples"
-            )
+        check_same_samples(n, sides[-1].centred[0].shape[-1])
 
         def check_finite(*probes: torch.Tensor) -> None:
             for probe, side in zip(probes, sides, strict=True):
@@ -478,10 +446,3 @@ class MinibatchCKA:
         undefined = constant_layers(s["a"], s["raw_a"])[:, None]
         undefined = undefined | constant_layers(s["e"], s["raw_e"])[None, :]
         return stderr.masked_fill(undefined, float("nan"))
-
-    def _require_batches(self, minimum: int) -> None:
-        if self.n_batches < minimum:
-            raise InvalidInputError(
-                f"expected at least {minimum} accumulated batch(es), got {self.n_batches}; "
-                "call update() with more data first"
-            )

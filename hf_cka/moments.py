@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from typing_extensions import Self
 
-from .accumulation import common_exponents, exponent_header, layer_names
+from .accumulation import SidedAccumulator, common_exponents, exponent_header
 from .errors import InvalidInputError, MemoryBudgetError, ShapeMismatchError
 
 _GIB = 2**30
@@ -67,7 +67,7 @@ def state_shapes(dims_a: list[int], dims_b: list[int] | None = None) -> dict[str
     return shapes
 
 
-class ShiftedMoments:
+class ShiftedMoments(SidedAccumulator):
     """Shifted, scaled float64 moment sums of two sides' layers, and their exact algebra.
 
     The base of :class:`~hf_cka.streaming.StreamingLinearCKA`, which adds ``update`` and
@@ -89,12 +89,8 @@ class ShiftedMoments:
         dims_a: Sequence[int] | None = None,
         dims_b: Sequence[int] | None = None,
     ) -> None:
+        super().__init__(num_layers_a, num_layers_b, layer_names_a, layer_names_b)
         self.debiased = debiased  # read by the estimator (``compute``) only
-        self.layer_names_a, self.layer_names_b = layer_names(
-            num_layers_a, num_layers_b, layer_names_a, layer_names_b
-        )
-        self.self_similarity = num_layers_b is None
-        self.num_layers_a, self.num_layers_b = num_layers_a, len(self.layer_names_b)
         self.max_bytes = max_bytes
         self.dims_a: list[int] | None = None
         self.dims_b: list[int] | None = None
@@ -213,13 +209,7 @@ class ShiftedMoments:
         This accumulator's sums are first re-expressed at ``other``'s shift (``other`` is left
         untouched).
         """
-        if (other.num_layers_a, other.num_layers_b, other.self_similarity) != (
-            self.num_layers_a, self.num_layers_b, self.self_similarity
-        ):  # fmt: skip
-            raise ShapeMismatchError(
-                f"cannot merge a {other.num_layers_a}x{other.num_layers_b} accumulator into a "
-                f"{self.num_layers_a}x{self.num_layers_b} one"
-            )
+        self._check_mergeable(other)
         if not other.states or other.n_samples == 0:
             return self
         if not self.states:

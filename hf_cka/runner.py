@@ -32,6 +32,7 @@ from .measures import estimate_bytes, mutual_knn
 from .metric import Accumulator, compute_quietly
 from .models import LoadedModel
 from .options import RunOptions
+from .progress import Progress
 from .statistics import null_order, stderr_target_reached
 from .streaming import new_accumulator
 
@@ -69,29 +70,40 @@ class Comparison:
     def new_metric(self, options: RunOptions, *, paired: bool = False) -> Accumulator:
         """A fresh accumulator; ``paired`` forces two sides even for a self-comparison."""
         two_sided = paired or not self.self_similarity
-        if options.measure != "cka":
-            return FullDataMeasure(
-                options.measure,
-                options.measure_params,
-                len(self.layers_a),
-                len(self.layers_b) if two_sided else None,
-                layer_names_a=self.layers_a,
-                layer_names_b=self.layers_b,
-                max_bytes=options.max_bytes,
-            )
         widths = options.pooling != "flatten"  # flattened features are tokens x hidden wide
-        return new_accumulator(
-            options.estimator,
-            len(self.layers_a),
-            len(self.layers_b) if two_sided else None,
-            kernel=options.kernel,
-            threshold=options.threshold,
-            layer_names_a=self.layers_a,
-            layer_names_b=self.layers_b,
-            max_bytes=options.max_bytes,
+        return new_metric(
+            options,
+            self.layers_a,
+            self.layers_b if two_sided else None,
             dims_a=self.model_a.feature_widths(self.layers_a) if widths else None,
             dims_b=self.model_b.feature_widths(self.layers_b) if widths and two_sided else None,
         )
+
+
+def new_metric(
+    options: RunOptions,
+    layers_a: Sequence[str],
+    layers_b: Sequence[str] | None,
+    *,
+    dims_a: Sequence[int] | None = None,
+    dims_b: Sequence[int] | None = None,
+) -> Accumulator:
+    """The accumulator ``options`` ask for (:func:`hf_cka.streaming.new_accumulator`) over the
+    named layers; ``layers_b=None`` compares side A with itself; ``dims_*``: layer widths."""
+    return new_accumulator(
+        options.estimator,
+        len(layers_a),
+        None if layers_b is None else len(layers_b),
+        kernel=options.kernel,
+        threshold=options.threshold,
+        max_bytes=options.max_bytes,
+        dims_a=dims_a,
+        dims_b=dims_b,
+        measure=options.measure,
+        measure_params=options.measure_params,
+        layer_names_a=layers_a,
+        layer_names_b=layers_a if layers_b is None else layers_b,
+    )
 
 
 @dataclass
@@ -404,65 +416,6 @@ def _update(
     for draw, null in enumerate(item.nulls):
         order = null_order(seed, batch_index, draw, feats_b[0].shape[0]).to(feats_b[0].device)
         null.update(feats_a, [f[order] for f in feats_b], batch_index=batch_index)
-
-
-class Progress:
-    """A tqdm bar over this process's CKA batches that moves after every forward pass.
-
-    A chunk's forward passes all run before its first CKA batch is complete (they are sorted by
-    length over the whole chunk), so a bar moved per finished batch would jump a chunk at a time.
-    Instead a forward hook on every model advances it by the pass's share of the chunk:
-    ``rows x batches_in_chunk / (rows_in_chunk x models)``; the count is exact at chunk ends.
-    Shown on the main process only, when ``enabled``.
-    """
-
-    def __init__(
-        self, modules: Sequence[torch.nn.Module], total: int | None, enabled: bool, initial: int
-    ) -> None:
-        from tqdm.auto import tqdm
-
-        show = enabled and distributed.is_main_process()
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            disable=not show,
-            desc="CKA",
-            unit="batch",
-            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]",
-        )
-        self.position, self._share, self._chunk_end = initial, 0.0, initial
-        hook = self._forwarded
-        self._handles = (
-            [m.register_forward_hook(hook, with_kwargs=True) for m in modules] if show else []
-        )
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self.bar.close()
-
-    def start_chunk(self, batches: int, forward_rows: int) -> None:
-        """A chunk of ``batches`` CKA batches needing ``forward_rows`` rows of forward passes."""
-        self._share = batches / forward_rows
-        self._chunk_end = self.position + batches
-
-    def end_chunk(self) -> None:
-        self.position = self._chunk_end
-        self._move_to(self.position)
-
-    def finish(self, done: int) -> None:
-        self._move_to(done)
-
-    def _move_to(self, position: float) -> None:
-        self.bar.update(position - self.bar.n)
-
-    def _forwarded(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        inputs = [*args, *kwargs.values()]
-        rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.ndim), 0)
-        self._move_to(min(self.bar.n + rows * self._share, self._chunk_end))
 
 
 def _expected_batches(size: int | None, batch_size: int) -> int | None:

@@ -37,8 +37,9 @@ from typing import Any, Literal
 import torch
 
 from .accumulation import (
+    Features,
     check_finite_layers,
-    check_sides,
+    check_same_samples,
     nan_constant_layers,
     scale_exponents,
     scaled_features,
@@ -109,34 +110,16 @@ class StreamingLinearCKA(ShiftedMoments):
     """
 
     # ----------------------------------------------------------------------------- update
-    def update(
-        self,
-        features_a: Sequence[torch.Tensor],
-        features_b: Sequence[torch.Tensor] | None = None,
-        *,
-        batch_index: int | None = None,
-    ) -> None:
-        """Add one batch: one ``(n, d)`` tensor per layer, the same ``n >= 1`` samples per side.
-
-        ``batch_index`` names the batch in error messages (default: the count so far).
-
-        Raises:
-            NonFiniteActivationError: a feature tensor holds NaN or Inf.
-            ShapeMismatchError: wrong number of layers, widths or differing sample counts.
-            MemoryBudgetError: the first batch reveals widths whose states exceed ``max_bytes``.
-        """
-        check_sides(self, features_b)
-        where = self.n_batches if batch_index is None else batch_index
+    def _add(self, features_a: Features, features_b: Features | None, batch_index: int) -> None:
+        """Add one batch (``n >= 1`` samples); the first reveals the widths when not given."""
         first = self.n_samples == 0  # the first batch fixes the scale exponents of the run
-        x, dims_a, exps_a = self._concat(features_a, "a", first, where)
+        x, dims_a, exps_a = self._concat(features_a, "a", first, batch_index)
         y, dims_b, exps_b = (
-            (x, None, exps_a) if features_b is None else self._concat(features_b, "b", first, where)
+            (x, None, exps_a)
+            if features_b is None
+            else self._concat(features_b, "b", first, batch_index)
         )
-        if y.shape[0] != x.shape[0]:
-            raise ShapeMismatchError(
-                f"model A gave {x.shape[0]} samples in this batch and model B {y.shape[0]}; both "
-                "sides must describe the same samples"
-            )
+        check_same_samples(x.shape[0], y.shape[0])
         if not self.states:
             self._allocate(dims_a, dims_b, x.device)
         if (dims_a, dims_b or dims_a) != (self.dims_a, self.dims_b):
@@ -295,13 +278,12 @@ def new_accumulator(
     *,
     kernel: Kernel = "linear",
     threshold: float = 1.0,
-    layer_names_a: Sequence[str] | None = None,
-    layer_names_b: Sequence[str] | None = None,
     max_bytes: int | None = None,
     dims_a: Sequence[int] | None = None,
     dims_b: Sequence[int] | None = None,
     measure: Measure = "cka",
     measure_params: Mapping[str, Any] | None = None,
+    **names: Sequence[str] | None,
 ) -> MinibatchCKA | StreamingLinearCKA | FullDataMeasure:
     """The accumulator for ``measure`` and ``estimator``: for CKA, ``"minibatch"`` (Nguyen et
     al., any kernel), or the exact full-data ``"linear"`` (biased, Kornblith et al.) and
@@ -310,9 +292,9 @@ def new_accumulator(
 
     ``max_bytes`` bounds the exact estimators' states and the held features; ``dims_a`` and
     ``dims_b`` concern the exact estimators only (the minibatch states do not grow with the
-    width); ``kernel`` and ``threshold`` the minibatch one only.
+    width); ``kernel`` and ``threshold`` the minibatch one only; ``names`` (``layer_names_a``,
+    ``layer_names_b``) go to any accumulator.
     """
-    names = {"layer_names_a": layer_names_a, "layer_names_b": layer_names_b}
     if measure != "cka":
         return FullDataMeasure(
             measure, measure_params or {}, num_layers_a, num_layers_b, max_bytes=max_bytes, **names

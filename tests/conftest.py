@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -47,7 +48,9 @@ os.environ.update(
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tiny  # noqa: E402
+import torch  # noqa: E402
 from hub_server import HubServer  # noqa: E402 (the environment above must come first)
+from transformers import PreTrainedModel  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +76,17 @@ def saved(tmp_path_factory: pytest.TempPathFactory):
         return cache[kind, seed]
 
     return get
+
+
+@pytest.fixture
+def forwards_by_name() -> Iterator[Counter]:
+    """Counts forward calls of every ``PreTrainedModel`` by its ``name_or_path``."""
+    counts: Counter = Counter()
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, PreTrainedModel):
+            counts[module.name_or_path] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    yield counts
+    handle.remove()

@@ -10,14 +10,11 @@ import math
 import shutil
 import typing
 import warnings
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
-from transformers import PreTrainedModel
 
 import hf_cka
 from hf_cka import MinibatchCKA, distributed
@@ -148,20 +145,6 @@ def test_two_models_run_one_forward_each_per_batch(saved) -> None:
     for handle in handles:
         handle.remove()
     assert counts == [4, 4]
-
-
-@pytest.fixture
-def forwards_by_name() -> Iterator[Counter]:
-    """Counts forward calls of every ``PreTrainedModel`` by its ``name_or_path``."""
-    counts: Counter = Counter()
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, PreTrainedModel):
-            counts[module.name_or_path] += 1
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    yield counts
-    handle.remove()
 
 
 def test_drift_runs_the_base_once_per_batch(saved, tmp_path: Path, forwards_by_name) -> None:

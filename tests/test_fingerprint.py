@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
-from transformers import PreTrainedModel
 
 from hf_cka import MinibatchCKA
 from hf_cka.auto import AutoCKA, TwoPhaseCKA
@@ -28,20 +26,6 @@ from hf_cka.options import RunOptions
 
 TEXTS = tiny.varied_texts(45, seed=1)  # batch_size 6: 7 CKA batches, the last of 9 (6 + 3)
 OPTIONS = {"batch_size": 6, "progress": False}
-
-
-@pytest.fixture
-def forwards_by_name() -> Iterator[Counter]:
-    """Counts forward calls of every ``PreTrainedModel`` by its ``name_or_path``."""
-    counts: Counter = Counter()
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, PreTrainedModel):
-            counts[module.name_or_path] += 1
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    yield counts
-    handle.remove()
 
 
 @pytest.fixture(scope="module")

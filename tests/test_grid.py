@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,20 +24,6 @@ TEXTS = tiny.varied_texts(40, seed=4)  # batch_size 8: 5 CKA batches
 RUN = {"batch_size": 8, "progress": False}
 OPTIONS = {**RUN, "dtype": "float32"}  # grid, drift and fingerprint also load the models
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def forwards_by_name() -> Iterator[Counter]:
-    """Counts forward calls of every ``PreTrainedModel`` by its ``name_or_path``."""
-    counts: Counter = Counter()
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, PreTrainedModel):
-            counts[module.name_or_path] += 1
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    yield counts
-    handle.remove()
 
 
 @pytest.fixture(scope="module")
