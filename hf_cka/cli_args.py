@@ -144,6 +144,20 @@ def _device_map(text: str) -> str | dict[str, Any]:
 # --------------------------------------------------------------------------- parser
 
 
+def add_count(
+    group: argparse._ArgumentGroup,
+    flag: str,
+    help: str,
+    *,
+    kind: Any = None,
+    metavar: str = "N",
+) -> None:
+    """A numeric option whose default is the :class:`RunOptions` field of its name
+    (``--batch-size`` -> ``batch_size``); ``kind`` parses it (default: an int)."""
+    default = getattr(DEFAULTS, flag.removeprefix("--").replace("-", "_"))
+    group.add_argument(flag, type=kind or _int, default=default, metavar=metavar, help=help)
+
+
 def add_loading(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loading")
     group.add_argument(
@@ -199,24 +213,18 @@ def add_data(parser: argparse.ArgumentParser) -> None:
             help=f"paired data: the column model {side.upper()} reads (with --column-{other}),"
             " e.g. --column-a image --column-b caption; replaces --text-column",
         )
-    group.add_argument(
-        "--num-samples", type=_int, metavar="N", help="use at most N samples (default: all)"
-    )
-    group.add_argument(
+    add_count(group, "--num-samples", "use at most N samples (default: all)")
+    add_count(
+        group,
         "--batch-size",
-        type=_int,
-        default=DEFAULTS.batch_size,
-        metavar="N",
-        help=f"samples per CKA minibatch, at least {MIN_BATCH}; also the forward batch size"
-        f" (default: {DEFAULTS.batch_size})",
+        f"samples per CKA minibatch, at least {MIN_BATCH}; also the forward batch size"
+        " (default: %(default)s)",
     )
-    group.add_argument(
+    add_count(
+        group,
         "--max-length",
-        type=_max_length,
-        default=DEFAULTS.max_length,
-        metavar="N",
-        help=f"truncate texts to N tokens; 'none' for the model's limit (default:"
-        f" {DEFAULTS.max_length})",
+        "truncate texts to N tokens; 'none' for the model's limit (default: %(default)s)",
+        kind=_max_length,
     )
     group.add_argument(
         "--no-sort",
@@ -225,12 +233,8 @@ def add_data(parser: argparse.ArgumentParser) -> None:
         help="do not sort texts by length before the forward passes (slower; the same result"
         " up to float rounding, see docs/distributed.md)",
     )
-    group.add_argument(
-        "--chunk-batches",
-        type=_int,
-        default=DEFAULTS.chunk_batches,
-        metavar="N",
-        help=f"CKA batches sorted by length together (default: {DEFAULTS.chunk_batches})",
+    add_count(
+        group, "--chunk-batches", "CKA batches sorted by length together (default: %(default)s)"
     )
 
 
@@ -265,20 +269,14 @@ def add_estimator(parser: argparse.ArgumentParser) -> None:
         help="minibatch: Nguyen et al., with standard errors (default); linear / debiased: exact"
         " full-data linear CKA streamed with d_a x d_b memory per layer pair",
     )
-    group.add_argument(
+    add_count(
+        group,
         "--null-permutations",
-        type=_int,
-        default=DEFAULTS.null_permutations,
+        "also compute CKA with B's samples shuffled K times per batch: the chance level for"
+        " this data size, saved as result.null (default: %(default)s, off)",
         metavar="K",
-        help="also compute CKA with B's samples shuffled K times per batch: the chance level"
-        f" for this data size, saved as result.null (default: {DEFAULTS.null_permutations}, off)",
     )
-    group.add_argument(
-        "--seed",
-        type=_int,
-        default=DEFAULTS.seed,
-        help=f"seed of the permutations (default: {DEFAULTS.seed})",
-    )
+    add_count(group, "--seed", "seed of the permutations (default: %(default)s)", metavar="SEED")
     group.add_argument(
         "--target-stderr",
         type=float,
@@ -349,13 +347,7 @@ def add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
         help="save the running sums in DIR every --checkpoint-every batches and when"
         " interrupted; the same command run again resumes from them",
     )
-    group.add_argument(
-        "--checkpoint-every",
-        type=_int,
-        default=DEFAULTS.checkpoint_every,
-        metavar="N",
-        help=f"batches between checkpoints (default: {DEFAULTS.checkpoint_every})",
-    )
+    add_count(group, "--checkpoint-every", "batches between checkpoints (default: %(default)s)")
 
 
 def add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
