@@ -13,17 +13,13 @@ import argparse
 import dataclasses
 import json
 import re
-from typing import Any, NoReturn, get_args
+from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
 import torch
 
 from .data import MIN_BATCH
-from .functional import Kernel
 from .layers import Part
-from .measures import Measure
 from .options import DEFAULTS, RunOptions
-from .pooling import Pooling
-from .streaming import Estimator
 from .tokens import clean_token
 
 PROG = "hf-cka"
@@ -144,18 +140,15 @@ def _device_map(text: str) -> str | dict[str, Any]:
 # --------------------------------------------------------------------------- parser
 
 
-def add_count(
-    group: argparse._ArgumentGroup,
-    flag: str,
-    help: str,
-    *,
-    kind: Any = None,
-    metavar: str = "N",
-) -> None:
-    """A numeric option whose default is the :class:`RunOptions` field of its name
-    (``--batch-size`` -> ``batch_size``); ``kind`` parses it (default: an int)."""
-    default = getattr(DEFAULTS, flag.removeprefix("--").replace("-", "_"))
-    group.add_argument(flag, type=kind or _int, default=default, metavar=metavar, help=help)
+def add_run_option(group: argparse._ArgumentGroup, flag: str, help: str, **kwargs: Any) -> None:
+    """The option for the :class:`RunOptions` field named like ``flag`` (``--batch-size`` ->
+    ``batch_size``): the field's default, and for a ``Literal`` field its values as choices;
+    ``kwargs`` go to ``add_argument`` (``type``, ``metavar`` ...)."""
+    name = flag.removeprefix("--").replace("-", "_")
+    hint = get_type_hints(RunOptions)[name]
+    if get_origin(hint) is Literal:
+        kwargs.setdefault("choices", get_args(hint))
+    group.add_argument(flag, default=getattr(DEFAULTS, name), help=help, **kwargs)
 
 
 def add_loading(parser: argparse.ArgumentParser) -> None:
@@ -199,12 +192,11 @@ def add_data(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dataset-config", metavar="NAME", help="Hub dataset configuration")
     group.add_argument("--split", help="dataset split (default: train, or the first one)")
-    group.add_argument(
+    add_run_option(
+        group,
         "--text-column",
-        default=DEFAULTS.text_column,
+        "column holding the texts (default: %(default)s); image columns are found automatically",
         metavar="NAME",
-        help=f"column holding the texts (default: {DEFAULTS.text_column}); image columns are"
-        " found automatically",
     )
     for side, other in (("a", "b"), ("b", "a")):
         group.add_argument(
@@ -213,18 +205,23 @@ def add_data(parser: argparse.ArgumentParser) -> None:
             help=f"paired data: the column model {side.upper()} reads (with --column-{other}),"
             " e.g. --column-a image --column-b caption; replaces --text-column",
         )
-    add_count(group, "--num-samples", "use at most N samples (default: all)")
-    add_count(
+    add_run_option(
+        group, "--num-samples", "use at most N samples (default: all)", type=_int, metavar="N"
+    )
+    add_run_option(
         group,
         "--batch-size",
         f"samples per CKA minibatch, at least {MIN_BATCH}; also the forward batch size"
         " (default: %(default)s)",
+        type=_int,
+        metavar="N",
     )
-    add_count(
+    add_run_option(
         group,
         "--max-length",
         "truncate texts to N tokens; 'none' for the model's limit (default: %(default)s)",
-        kind=_max_length,
+        type=_max_length,
+        metavar="N",
     )
     group.add_argument(
         "--no-sort",
@@ -233,50 +230,46 @@ def add_data(parser: argparse.ArgumentParser) -> None:
         help="do not sort texts by length before the forward passes (slower; the same result"
         " up to float rounding, see docs/distributed.md)",
     )
-    add_count(
-        group, "--chunk-batches", "CKA batches sorted by length together (default: %(default)s)"
+    add_run_option(
+        group,
+        "--chunk-batches",
+        "CKA batches sorted by length together (default: %(default)s)",
+        type=_int,
+        metavar="N",
     )
 
 
 def add_estimator(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("estimator")
-    group.add_argument(
+    add_run_option(
+        group,
         "--pooling",
-        choices=get_args(Pooling),
-        default=DEFAULTS.pooling,
-        help="how token activations become one vector per example; padding never counts"
-        f" (default: {DEFAULTS.pooling}). 'tokens' makes every token a sample (identical"
-        " tokenizers only)",
+        "how token activations become one vector per example; padding never counts (default:"
+        " %(default)s). 'tokens' makes every token a sample (identical tokenizers only)",
     )
-    group.add_argument(
-        "--kernel",
-        choices=get_args(Kernel),
-        default=DEFAULTS.kernel,
-        help=f"CKA kernel (default: {DEFAULTS.kernel})",
-    )
-    group.add_argument(
+    add_run_option(group, "--kernel", "CKA kernel (default: %(default)s)")
+    add_run_option(
+        group,
         "--threshold",
+        "RBF bandwidth factor: sigma = X times the median distance (default: %(default)s)",
         type=float,
-        default=DEFAULTS.threshold,
         metavar="X",
-        help="RBF bandwidth factor: sigma = X times the median distance (default:"
-        f" {DEFAULTS.threshold})",
     )
-    group.add_argument(
+    add_run_option(
+        group,
         "--estimator",
-        choices=get_args(Estimator),
-        default=DEFAULTS.estimator,
-        help="minibatch: Nguyen et al., with standard errors (default); linear / debiased: exact"
+        "minibatch: Nguyen et al., with standard errors (default); linear / debiased: exact"
         " full-data linear CKA streamed with d_a x d_b memory per layer pair",
     )
-    add_count(
+    add_run_option(
         group,
         "--null-permutations",
         "also compute CKA with B's samples shuffled K times per batch: the chance level for"
         " this data size, saved as result.null (default: %(default)s, off)",
+        type=_int,
         metavar="K",
     )
-    add_count(group, "--seed", "seed of the permutations (default: %(default)s)", metavar="SEED")
+    add_run_option(group, "--seed", "seed of the permutations (default: %(default)s)", type=_int)
     group.add_argument(
         "--target-stderr",
         type=float,
@@ -287,11 +280,10 @@ def add_estimator(parser: argparse.ArgumentParser) -> None:
 
 def add_measure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("measure")
-    group.add_argument(
+    add_run_option(
+        group,
         "--measure",
-        choices=get_args(Measure),
-        default=DEFAULTS.measure,
-        help="similarity measure (default: cka); the others hold the pooled features of every"
+        "similarity measure (default: cka); the others hold the pooled features of every"
         " layer (bounded by --max-bytes) and give no standard errors",
     )
     group.add_argument(
@@ -347,7 +339,13 @@ def add_output(parser: argparse.ArgumentParser, plot_file: str) -> None:
         help="save the running sums in DIR every --checkpoint-every batches and when"
         " interrupted; the same command run again resumes from them",
     )
-    add_count(group, "--checkpoint-every", "batches between checkpoints (default: %(default)s)")
+    add_run_option(
+        group,
+        "--checkpoint-every",
+        "batches between checkpoints (default: %(default)s)",
+        type=_int,
+        metavar="N",
+    )
 
 
 def add_store_output(parser: argparse.ArgumentParser, what: str) -> None:
