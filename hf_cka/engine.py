@@ -8,9 +8,10 @@ of flattened with their padding, HSIC terms accumulate in float64 and values are
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Iterable, Sequence, Sized
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence, Sized
+from typing import Any, Concatenate, ParamSpec
 
 import torch
 from torch import nn
@@ -25,6 +26,22 @@ from .layers import LayerSpec, resolve_layers
 from .metric import MinibatchCKA, compute_quietly
 from .options import Callback
 from .pooling import check_pooling
+
+P = ParamSpec("P")
+
+
+def _within_hooks(
+    method: Callable[Concatenate[Any, P], torch.Tensor],
+) -> Callable[Concatenate[Any, P], torch.Tensor]:
+    """``method`` run inside ``with self:`` (hooks installed, then removed), same signature."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: P.args, **kwargs: P.kwargs) -> torch.Tensor:
+        with self:
+            return method(self, *args, **kwargs)
+
+    call.__doc__ = "``with self: return self.compare(...)``, with the arguments of :meth:`compare`."
+    return call
 
 
 class CKA:
@@ -127,11 +144,6 @@ class CKA:
             module.training = training
         self._modes = {}
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``with self: return self.compare(...)``, with the arguments of :meth:`compare`."""
-        with self:
-            return self.compare(*args, **kwargs)
-
     # ------------------------------------------------------------------ computation
     def batch_features(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pooled features of both models for one batch (one forward pass for a same model)."""
@@ -192,6 +204,8 @@ class CKA:
                 f"{len(self.skipped_batches)}); pass a non-empty loader, batch_size >= {MIN_BATCH}"
             )
         return metric.compute()
+
+    __call__ = _within_hooks(compare)
 
     def export(self, matrix: torch.Tensor) -> dict[str, Any]:
         """The seed's result dict: names, layers and the CKA matrix."""
