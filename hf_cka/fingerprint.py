@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from . import distributed
+from . import storage
 from .errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from .model_files import FINGERPRINT_FILE
-from .shards import SHARDS_DIR
 from .storage import FINGERPRINT_CARD_FILE as CARD_FILE
 from .storage import FINGERPRINT_TENSORS_FILE as TENSORS_FILE
 from .storage import validate_repo_id
@@ -234,20 +232,21 @@ class Fingerprint:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the fingerprint to ``directory`` (created; files are replaced; the extraction
-        shards in its ``shards/`` are removed) and return it."""
+        """Write the fingerprint to ``directory`` atomically and return it.
+
+        As :meth:`hf_cka.CKAResult.save` (:func:`hf_cka.storage.atomic_folder`): a folder that
+        holds an earlier fingerprint, or the extraction shards of this one (``shards/``), is
+        replaced -- the shards are removed -- and other files there stay; every process that
+        calls it writes.
+
+        Raises:
+            InvalidInputError: ``directory`` is a file, or a non-empty folder without a result.
+        """
         folder = Path(directory)
-        if not distributed.is_main_process():
-            return folder
-        if folder.exists() and not folder.is_dir():
-            raise InvalidInputError(f"cannot save a fingerprint to {folder}: it is a file")
-        folder.mkdir(parents=True, exist_ok=True)
         files = self._files()
-        for name in (TENSORS_FILE, CARD_FILE, FINGERPRINT_FILE):  # the JSON commits, last
-            tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(files[name])
-            tmp.replace(folder / name)
-        shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)  # the saved store supersedes them
+        with storage.atomic_folder(folder) as staging:
+            for name in (TENSORS_FILE, CARD_FILE, FINGERPRINT_FILE):
+                (staging / name).write_bytes(files[name])
         return folder
 
     @classmethod
@@ -256,18 +255,20 @@ class Fingerprint:
 
         Raises:
             ResultFormatError: a file is missing or malformed, of another schema, or the tensors
-                file does not have the sha256 recorded in the JSON.
+                file does not have the sha256 recorded in the JSON (naming where a killed save
+                left the earlier fingerprint, if one did).
         """
         folder = Path(directory)
-        try:
-            document = (folder / FINGERPRINT_FILE).read_bytes()
-            blob = (folder / TENSORS_FILE).read_bytes()
-        except OSError as err:
-            raise ResultFormatError(
-                f"{folder}: not a fingerprint folder ({err}); expected {FINGERPRINT_FILE} and "
-                f"{TENSORS_FILE} written by Fingerprint.save"
-            ) from err
-        return cls._from_bytes(document, blob, folder)
+        with storage.naming_previous(folder):
+            try:
+                document = (folder / FINGERPRINT_FILE).read_bytes()
+                blob = (folder / TENSORS_FILE).read_bytes()
+            except OSError as err:
+                raise ResultFormatError(
+                    f"{folder}: not a fingerprint folder ({err}); expected {FINGERPRINT_FILE} "
+                    f"and {TENSORS_FILE} written by Fingerprint.save"
+                ) from err
+            return cls._from_bytes(document, blob, folder)
 
     @classmethod
     def _from_bytes(cls, document: bytes, blob: bytes, source: Any) -> Fingerprint:
@@ -332,8 +333,6 @@ class Fingerprint:
         from huggingface_hub import CommitOperationAdd, HfApi
 
         validate_repo_id(repo_id)
-        if not distributed.is_main_process():
-            return ""
         api = HfApi()
         cleaned = clean_token(token)
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=cleaned)

@@ -9,9 +9,9 @@ Nothing is pickled.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -197,10 +197,13 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder whose entries replace the result saved in ``target``.
 
     ``target`` may be missing, empty, or hold an earlier result. A missing ``target`` is
-    created by renaming the temporary folder. Otherwise each written entry is moved into
-    ``target`` by rename (the ``*.json`` that names the result last), the entries of the earlier
-    result that the new one does not write are removed, and every other file in ``target``
-    (notes, figures) stays. On any error before the move ``target`` is untouched.
+    created by renaming the temporary folder. Otherwise the entries of the earlier result are
+    first moved aside into a sibling ``.<target>.<hex>.previous`` folder, then the written ones
+    are moved in (the ``*.json`` that names the result last), all by rename; every other file
+    in ``target`` (notes, figures) stays. An error in between moves the earlier result back; a
+    process killed in between leaves it whole in the ``.previous`` folder, which
+    :func:`previous_results` finds and a failed load names. On any error before the moves
+    ``target`` is untouched.
 
     Raises:
         InvalidInputError: ``target`` is a file, or a non-empty folder that holds no result.
@@ -222,34 +225,53 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         if not target.exists():
             staging.rename(target)
             return
-        stale = _owned_entries(target)
-        written = sorted(p.name for p in staging.iterdir())
-        for name in sorted(written, key=lambda n: n.endswith(".json")):  # the JSON last
-            _replace(staging / name, target / name)
-        for name in stale - set(written):
-            _remove(target / name)
+        _swap(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _replace(source: Path, destination: Path) -> None:
-    """Move ``source`` onto ``destination`` (a file by one rename, a folder by two)."""
-    if source.is_dir() and destination.is_dir():
-        old = destination.parent / f".{destination.name}.{secrets.token_hex(4)}.old"
-        destination.rename(old)
-        source.rename(destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if destination.is_dir():
-            shutil.rmtree(destination)
-        os.replace(source, destination)
+def _swap(staging: Path, target: Path) -> None:
+    """Move the earlier result of ``target`` aside, the entries of ``staging`` in (JSON last),
+    then drop the earlier one; on an error, put the earlier result back."""
+    previous = target.parent / f".{target.name}.{secrets.token_hex(4)}.previous"
+    previous.mkdir()
+    moved: list[str] = []
+    written = sorted((p.name for p in staging.iterdir()), key=lambda n: (n.endswith(".json"), n))
+    try:
+        for name in sorted(_owned_entries(target)):
+            if (target / name).exists() or (target / name).is_symlink():
+                (target / name).rename(previous / name)
+        for name in written:
+            (staging / name).rename(target / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:  # back to the earlier result, as it was
+            (target / name).rename(staging / name)
+        for entry in previous.iterdir():
+            entry.rename(target / entry.name)
+        previous.rmdir()
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def previous_results(target: Path) -> list[Path]:
+    """The earlier results a killed :func:`atomic_folder` save into ``target`` left aside."""
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.*.previous"))
+
+
+@contextmanager
+def naming_previous(folder: Path) -> Iterator[None]:
+    """Re-raise a ``ResultFormatError`` of a read of ``folder`` saying where a killed save left
+    the earlier result, when one did."""
+    try:
+        yield
+    except ResultFormatError as err:
+        if not (left := previous_results(folder)):
+            raise
+        raise ResultFormatError(
+            f"{err} -- a save into {folder} was interrupted: the earlier result is whole in "
+            f"{left[-1]}; move its entries back into {folder} to restore it, or save again"
+        ) from err
 
 
 # --------------------------------------------------------------------------- validated reads

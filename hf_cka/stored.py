@@ -127,9 +127,11 @@ class Stored:
 
         Raises:
             ResultFormatError: a file is missing or malformed; the message names the file and
-                what is wrong (schema, version, key, type, tensor dtype, shape or digest).
+                what is wrong (schema, version, key, type, tensor dtype, shape or digest), and
+                where a killed save into the folder left the earlier result, if one did.
         """
-        return cls._read(Path(directory))
+        with storage.naming_previous(Path(directory)):
+            return cls._read(Path(directory))
 
     def push_to_hub(
         self,

@@ -34,7 +34,8 @@ def main(spec_path: str, out: Path) -> None:
     )
     shard_files = sorted(path.name for path in shards.glob("shard-*.json"))
     distributed.wait_for_everyone()
-    with_shards.save(out)  # the main process saves and removes the shards; the others do nothing
+    if distributed.is_main_process():  # one process saves (and removes the shards)
+        with_shards.save(out)
     in_memory = AutoCKA.fingerprint(spec["model"], spec["texts"], dtype="float64", **options)
     models = [spec["model"], spec["model_b"]]  # a full-data measure, one model at a time
     grid = AutoCKA.grid(models, spec["texts"], dtype="float64", measure="procrustes", **options)

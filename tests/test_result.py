@@ -435,6 +435,56 @@ def test_drift_load_rejects_traversal(tmp_path: Path) -> None:
         DriftResult.load(path)
 
 
+def test_an_error_while_replacing_a_result_puts_the_earlier_one_back(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The swap moves the earlier result aside, then the new files in; a failure in between
+    (here moving the new JSON in, after the new tensors) restores the earlier one."""
+    target = make_result(seed=1).save(tmp_path / "run")
+    (target / "notes.txt").write_text("precious")
+    first = CKAResult.load(target)
+    aside: list[list[str]] = []
+    rename = Path.rename
+
+    def failing_rename(self: Path, destination: Path) -> Path:
+        if self.name == "result.json" and self.parent.name.endswith(".tmp"):  # staged JSON
+            aside.extend(
+                sorted(p.name for p in f.iterdir()) for f in storage_module.previous_results(target)
+            )
+            raise OSError("I/O error")
+        return rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="I/O error"):
+        make_result(seed=2).save(target)
+    # the earlier result was whole, aside, while the new one moved in
+    assert aside == [["result.json", "tensors.safetensors"]]
+    assert_bit_identical(CKAResult.load(target).matrix, first.matrix)
+    assert (target / "notes.txt").read_text() == "precious" and siblings(target) == ["run"]
+
+
+def test_a_killed_replace_leaves_the_earlier_result_whole_and_load_names_it(
+    tmp_path: Path,
+) -> None:
+    """What a process killed in the middle of the swap leaves: the earlier result in
+    ``.run.<hex>.previous``, the new tensors in ``run``. Load refuses the mix and names where the
+    earlier result is; moving it back restores it."""
+    target = make_result(seed=1).save(tmp_path / "run")
+    first = CKAResult.load(target)
+    newer = make_result(seed=2).save(tmp_path / "newer")
+    aside = tmp_path / ".run.0a1b2c3d.previous"
+    aside.mkdir()
+    for name in ("result.json", "tensors.safetensors"):
+        (target / name).rename(aside / name)
+    (newer / "tensors.safetensors").rename(target / "tensors.safetensors")
+    assert storage_module.previous_results(target) == [aside]
+    with pytest.raises(ResultFormatError, match="was interrupted: the earlier result is whole in"):
+        CKAResult.load(target)
+    for entry in aside.iterdir():
+        entry.replace(target / entry.name)
+    assert_bit_identical(CKAResult.load(target).matrix, first.matrix)
+
+
 def test_save_over_an_earlier_result_keeps_other_files(tmp_path: Path) -> None:
     target = make_result(seed=1).save(tmp_path / "run")
     (target / "notes.txt").write_text("precious")
