@@ -90,7 +90,8 @@ def combine(
 ) -> Any:
     """The ``CKAResult`` of fingerprint ``a`` (rows) against ``b`` (columns).
 
-    ``options`` supplies ``kernel``, ``threshold``, ``estimator`` (the exact ones need stored
+    ``options`` supplies ``kernel``, ``threshold``, ``estimator``, ``measure`` and
+    ``measure_params`` (the exact estimators and the measures other than CKA read stored
     features), ``max_bytes``, ``null_permutations`` and ``seed``. The same fingerprint object on
     both sides with the same layers is a self-comparison.
 
