@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -207,31 +208,49 @@ def annotate(
         ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
 
 
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """How :func:`draw_heatmap` colours, masks, annotates and labels a matrix.
+
+    Values outside ``[vmin, vmax]`` saturate the colour map ``cmap``; ``mask_upper`` hides the
+    strict upper triangle; ``annot`` writes each value with ``annot_fmt``; at most ``max_ticks``
+    tick labels per axis.
+
+    Raises:
+        InvalidInputError: ``vmin`` is not smaller than ``vmax``.
+    """
+
+    cmap: str | Colormap = "magma"
+    vmin: float = 0.0
+    vmax: float = 1.0
+    mask_upper: bool = False
+    annot: bool = False
+    annot_fmt: str = ".2f"
+    max_ticks: int = 24
+
+    def __post_init__(self) -> None:
+        if not self.vmin < self.vmax:
+            raise InvalidInputError(
+                f"vmin must be smaller than vmax; got vmin={self.vmin}, vmax={self.vmax}."
+            )
+
+
 def draw_heatmap(
     ax: Axes,
     matrix: np.ndarray,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
-    *,
-    cmap: str | Colormap,
-    vmin: float,
-    vmax: float,
-    mask_upper: bool = False,
-    annot: bool = False,
+    style: HeatmapStyle,
     stderr: np.ndarray | None = None,
-    annot_fmt: str = ".2f",
-    max_ticks: int = 24,
 ) -> AxesImage:
-    """Draw ``matrix`` on ``ax`` with row 0 at the bottom; return the image artist.
+    """Draw ``matrix`` on ``ax`` in ``style`` with row 0 at the bottom; return the image artist.
 
-    Masked cells (``mask_upper``) are transparent, NaN cells grey. The image's array is a masked
-    array whose mask is the strict upper triangle (plus NaN cells).
+    Masked cells (``style.mask_upper``) are transparent, NaN cells grey. The image's array is a
+    masked array whose mask is the strict upper triangle (plus NaN cells).
     """
-    if not vmin < vmax:
-        raise InvalidInputError(f"vmin must be smaller than vmax; got vmin={vmin}, vmax={vmax}.")
     nrows, ncols = matrix.shape
     hidden = np.zeros(matrix.shape, dtype=bool)
-    if mask_upper:
+    if style.mask_upper:
         if nrows != ncols:
             raise InvalidInputError(
                 f"mask_upper=True needs a square (self-comparison) matrix; got {nrows}x{ncols}."
@@ -243,18 +262,18 @@ def draw_heatmap(
         )
     image = ax.imshow(
         np.ma.masked_array(matrix, mask=hidden | np.isnan(matrix)),
-        cmap=colormap(cmap),
-        vmin=vmin,
-        vmax=vmax,
+        cmap=colormap(style.cmap),
+        vmin=style.vmin,
+        vmax=style.vmax,
         origin="lower",
         interpolation="nearest",
         aspect="equal" if nrows == ncols else "auto",
-        alpha=np.where(hidden, 0.0, 1.0) if mask_upper else None,
+        alpha=np.where(hidden, 0.0, 1.0) if style.mask_upper else None,
     )
-    set_ticks(ax, "y", row_labels, max_ticks)
-    set_ticks(ax, "x", col_labels, max_ticks)
-    if annot:
-        annotate(ax, image, matrix, ~hidden, stderr, annot_fmt)
+    set_ticks(ax, "y", row_labels, style.max_ticks)
+    set_ticks(ax, "x", col_labels, style.max_ticks)
+    if style.annot:
+        annotate(ax, image, matrix, ~hidden, stderr, style.annot_fmt)
     return image
 
 

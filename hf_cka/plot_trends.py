@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from hf_cka.errors import InvalidInputError, ShapeMismatchError
 from hf_cka.plot_style import (
+    HeatmapStyle,
     add_colorbar,
     as_array,
     as_matrix,
@@ -199,16 +200,9 @@ def plot_drift(
         colors=list(colormaps["viridis"](np.linspace(0.0, 0.9, num_checkpoints))),
         max_ticks=max_ticks,
     )
-    image = draw_heatmap(
-        axes[1],
-        table,
-        layer_names,
-        names,
-        cmap=cmap,
-        vmin=-1.0 if measure_label.startswith("RSA") else 0.0,
-        vmax=1.0,
-        max_ticks=max_ticks,
-    )
+    low = -1.0 if measure_label.startswith("RSA") else 0.0
+    style = HeatmapStyle(cmap, vmin=low, max_ticks=max_ticks)
+    image = draw_heatmap(axes[1], table, layer_names, names, style)
     axes[1].set_xlabel("Checkpoint")
     axes[1].set_ylabel("Layer")
     add_colorbar(fig, image, axes[1], table, label=measure_label)

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from hf_cka.errors import InvalidInputError
 from hf_cka.plot_style import (
+    HeatmapStyle,
     add_colorbar,
     as_array,
     as_matrix,
@@ -87,6 +88,7 @@ def plot_cka_heatmap(
     """
     data = as_matrix(matrix, "matrix")
     errors = None if stderr is None else as_array(stderr, "stderr")
+    style = HeatmapStyle(cmap, vmin, vmax, mask_upper, annot, annot_fmt, max_ticks)
     ylabel, xlabel = f"{model1_name or 'Model 1'} layers", f"{model2_name or 'Model 2'} layers"
     if title is None and (model1_name or model2_name):
         title = f"{model1_name or 'Model 1'} vs {model2_name or 'Model 2'}"
@@ -98,20 +100,9 @@ def plot_cka_heatmap(
         fig, ax = plt.subplots(figsize=size, layout="compressed")
     else:
         fig = root_figure(ax)
-    image = draw_heatmap(
-        ax,
-        data,
-        layer_labels(layers1, data.shape[0], "layers1"),
-        layer_labels(layers2, data.shape[1], "layers2"),
-        cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
-        mask_upper=mask_upper,
-        annot=annot,
-        stderr=errors,
-        annot_fmt=annot_fmt,
-        max_ticks=max_ticks,
-    )
+    rows = layer_labels(layers1, data.shape[0], "layers1")
+    columns = layer_labels(layers2, data.shape[1], "layers2")
+    image = draw_heatmap(ax, data, rows, columns, style, errors)
     ax.set_ylabel(ylabel)
     ax.set_xlabel(xlabel)
     if title:
@@ -187,6 +178,7 @@ def plot_cka_comparison(
         raise InvalidInputError("matrices is empty: nothing to plot.")
     if titles is not None and len(titles) != len(panels):
         raise InvalidInputError(f"Got {len(titles)} titles for {len(panels)} matrices.")
+    style = HeatmapStyle(cmap, vmin, vmax, mask_upper, annot, max_ticks=max_ticks)
     nrows, ncols = _grid_shape(len(panels), ncols)
     cells = float(np.clip(0.26 * max(max(p.shape) for p in panels), 2.6, 5.0))
     default_size = (
@@ -205,12 +197,7 @@ def plot_cka_comparison(
                 data,
                 layer_labels(layers, data.shape[0], "layers"),
                 layer_labels(layers2 if layers2 is not None else layers, data.shape[1], "layers2"),
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
-                mask_upper=mask_upper,
-                annot=annot,
-                max_ticks=max_ticks,
+                style,
             )
         )
         if titles is not None:

@@ -105,6 +105,18 @@ def test_heatmap_mask_upper_needs_a_square_matrix():
         plot_cka_heatmap(np.zeros((3, 4)), mask_upper=True)
 
 
+@pytest.mark.parametrize("plot", [plot_cka_heatmap, plot_cka_comparison])
+def test_an_empty_colour_range_is_refused_before_any_figure_is_made(plot):
+    before = plt.get_fignums()
+    with pytest.raises(InvalidInputError, match="vmin must be smaller than vmax"):
+        plot(
+            [[0.5, 0.2], [0.2, 0.5]] if plot is plot_cka_heatmap else [np.eye(2)],
+            vmin=1.0,
+            vmax=1.0,
+        )
+    assert plt.get_fignums() == before
+
+
 def test_heatmap_nan_cells_are_grey_and_annotated(tmp_path):
     matrix = _self_cka(5)
     matrix[2, :] = np.nan  # a constant layer: CKA undefined
