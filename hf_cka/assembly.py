@@ -19,6 +19,7 @@ from .metric import MinibatchCKA
 from .options import RunOptions
 from .provenance import ESTIMATOR_LABELS, DataProvenance, Provenance, library_versions
 from .runner import Accumulated, Comparison, run_comparisons
+from .tokens import HubToken
 
 if TYPE_CHECKING:
     from .drift import DriftResult
@@ -29,7 +30,7 @@ def compare_all(
     comparisons: list[Comparison],
     data: Any,
     options: RunOptions,
-    token: str | bool | None,
+    token: HubToken,
 ) -> list[CKAResult]:
     """Run the comparisons over ``data`` in one stream and wrap each in a ``CKAResult``."""
     outcome = run_comparisons(comparisons, data, options, token=token)

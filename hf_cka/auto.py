@@ -34,7 +34,7 @@ from .options import (
 )
 from .pooling import Pooling, check_pooling, check_same_tokenizer
 from .runner import Comparison, Extractor, check_max_length
-from .tokens import clean_token
+from .tokens import HubToken, clean_token
 
 if TYPE_CHECKING:
     from .combine import Side
@@ -60,7 +60,7 @@ class AutoCKA:
         pooling: Pooling = DEFAULTS.pooling,
         part_a: Part = "encoder",
         part_b: Part = "encoder",
-        token: str | bool | None = None,
+        token: HubToken = None,
     ) -> None:
         check_some_layers(layers_a=layers_a, layers_b=layers_b)
         # part "vision"/"text" of a two-tower model (CLIP): that tower alone, on its processor
@@ -81,7 +81,7 @@ class AutoCKA:
 
     def __repr__(self) -> str:
         return (
-            f"AutoCKA(model_a={self.model_a.name!r}, model_b={self.model_b.name!r}, "
+            f"{type(self).__name__}(model_a={self.model_a.name!r}, model_b={self.model_b.name!r}, "
             f"layers={len(self.layers_a)}x{len(self.layers_b)}, pooling={self.pooling!r})"
         )
 
@@ -100,7 +100,7 @@ class AutoCKA:
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
-        token: str | bool | None = None,
+        token: HubToken = None,
         part_a: Part = "encoder",
         part_b: Part = "encoder",
     ) -> AutoCKA:
@@ -217,7 +217,7 @@ class AutoCKA:
         revision: str | None = None,
         layers: str | Sequence[LayerSpec] = "auto",
         part: Part = "encoder",
-        token: str | bool | None = None,
+        token: HubToken = None,
         one_model_at_a_time: bool = True,
         options: RunOptions | None = None,
         **changes: Unpack[ModelRunChanges],
@@ -279,7 +279,7 @@ class AutoCKA:
         part: Part = "encoder",
         shuffle_seed: int | None = None,
         features: bool = False,
-        token: str | bool | None = None,
+        token: HubToken = None,
         shards_dir: str | Path | None = None,
         options: RunOptions | None = None,
         **changes: Unpack[ModelRunChanges],
@@ -322,7 +322,7 @@ class AutoCKA:
         part: Part = "encoder",
         shuffle_seed: int | None = None,
         features: bool = False,
-        token: str | bool | None = None,
+        token: HubToken = None,
         options: RunOptions | None = None,
         **changes: Unpack[ModelRunChanges],
     ) -> GridResult:
@@ -400,7 +400,7 @@ class TwoPhaseCKA(AutoCKA):
     """
 
     def __init__(
-        self, side_a: Side, side_b: Side | None, *, pooling: Pooling, token: str | bool | None
+        self, side_a: Side, side_b: Side | None, *, pooling: Pooling, token: HubToken
     ) -> None:  # no super().__init__: a stored side has no module to hook
         self.side_a, self.side_b = side_a, side_b if side_b is not None else side_a
         self.pooling = pooling
@@ -410,12 +410,6 @@ class TwoPhaseCKA(AutoCKA):
         self.model_b = self.side_b.loaded or self.side_b.fingerprint  # type: ignore[assignment]
         self.same_model = self.side_b is self.side_a
         self._token = token
-
-    def __repr__(self) -> str:
-        return (
-            f"TwoPhaseCKA(model_a={self.side_a.name!r}, model_b={self.side_b.name!r}, "
-            f"layers={len(self.layers_a)}x{len(self.layers_b)}, pooling={self.pooling!r})"
-        )
 
     @property
     def comparison(self) -> Any:

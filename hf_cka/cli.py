@@ -18,7 +18,6 @@ interrupt exits with 130. The Hub token is never printed or written.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from .cli_output import (
     fingerprint_summary,
     grid_summary,
     is_drift,
+    load_publishable,
     load_result,
     plot_file_of,
     push,
@@ -138,10 +138,11 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _fingerprint(args: argparse.Namespace) -> int:
     from .auto import AutoCKA
+    from .fingerprint import default_folder
     from .shards import SHARDS_DIR
 
     options, output = _prepare_run(args)
-    folder = output or Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", args.model)
+    folder = output or default_folder(args.model)
     fingerprint = AutoCKA.fingerprint(
         args.model,
         args.dataset,
@@ -165,7 +166,7 @@ def _grid(args: argparse.Namespace) -> int:
 
     def save() -> Saved:
         folder = output or DEFAULT_LOCAL_ROOT / grid.grid_id
-        return save_store(grid, folder, args, local_dir=folder)
+        return save_store(grid, folder, args)
 
     return _finish(grid, save, grid_summary)
 
@@ -201,9 +202,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _push_command(args: argparse.Namespace) -> int:
-    result = load_result(args.result_dir)
+    result = load_publishable(args.result_dir)
     if distributed.is_main_process():
-        url = push(result, args.repo_id, args, local_dir=args.result_dir)
+        url = push(result, args.repo_id, args, args.result_dir)
         print(f"pushed {args.result_dir} to {url}")
     return 0
 

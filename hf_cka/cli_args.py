@@ -1,6 +1,6 @@
 """The pieces of the ``hf-cka`` argument parser: constants, argument types and the option groups
 that its commands share (:func:`add_loading`, :func:`add_data`, :func:`add_estimator`,
-:func:`add_measure`, :func:`add_output`, :func:`add_layer_choice`, :func:`add_store_options`,
+:func:`add_output`, :func:`add_layer_choice`, :func:`add_store_options`,
 :func:`add_store_output`, :func:`add_private`). :func:`hf_cka.cli_parser.build_parser` assembles
 them with the help texts of :mod:`hf_cka.cli_help`.
 
@@ -18,6 +18,7 @@ from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 import torch
 
 from .data import MIN_BATCH
+from .dtypes import DTYPES
 from .layers import Part
 from .options import DEFAULTS, RunOptions
 from .tokens import clean_token
@@ -155,6 +156,7 @@ def add_loading(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loading")
     group.add_argument(
         "--dtype",
+        choices=("auto", *DTYPES),
         metavar="DTYPE",
         help="load the weights in this dtype: float32, bfloat16, float16, float64, auto (default:"
         " the checkpoint's own dtype); CKA is accumulated in float64 whatever it is",
@@ -240,6 +242,8 @@ def add_data(parser: argparse.ArgumentParser) -> None:
 
 
 def add_estimator(parser: argparse.ArgumentParser) -> None:
+    """The ``estimator`` group (pooling, kernel, estimator, null, early stop) and the ``measure``
+    group (another similarity measure than CKA)."""
     group = parser.add_argument_group("estimator")
     add_run_option(
         group,
@@ -276,9 +280,6 @@ def add_estimator(parser: argparse.ArgumentParser) -> None:
         metavar="SE",
         help="stop early once every cell's standard error is below SE (default: use all data)",
     )
-
-
-def add_measure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("measure")
     add_run_option(
         group,

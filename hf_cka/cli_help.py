@@ -85,7 +85,9 @@ PUSH_EPILOG = """\
 examples:
   hf-cka push cka-results/r20261128T174455Z_3f9a me/bert-sst2-cka
   hf-cka push cka-results/d20261128T180102Z_9c1e me/finetune-drift --private
+  hf-cka push cka-fingerprints/google-bert--bert-base-uncased me/bert-fp
 
 The dataset gets one parquet file per run (configs "scores" and "runs"), the heatmap and a
 dataset card; pushing again to the same repo adds runs. Load a run back with
-hf_cka.CKAResult.from_hub(REPO_ID) or datasets.load_dataset(REPO_ID, "scores")."""
+hf_cka.CKAResult.from_hub(REPO_ID) or datasets.load_dataset(REPO_ID, "scores"). A fingerprint
+folder is pushed as it is (and replaces the repo's fingerprint)."""

@@ -61,6 +61,16 @@ def load_result(folder: Path) -> Any:
     return DriftResult.load(folder) if (folder / DRIFT_FILE).is_file() else CKAResult.load(folder)
 
 
+def load_publishable(folder: Path) -> Any:
+    """The fingerprint saved in ``folder``, else its result (:func:`load_result`)."""
+    from .fingerprint import Fingerprint
+    from .model_files import FINGERPRINT_FILE
+
+    if (folder / FINGERPRINT_FILE).is_file():
+        return Fingerprint.load(folder)
+    return load_result(folder)
+
+
 def render_png(result: Any, dpi: int = DPI, **options: Any) -> bytes:
     """PNG bytes of ``result.plot(**options)``; the figure is closed afterwards."""
     import matplotlib.pyplot as plt
@@ -154,22 +164,23 @@ def save_result(
         saved.folder = _write_somewhere(result, plot_file, fallbacks, result_id)
         reason = " ".join(str(err).split())
         saved.failure = f"could not save to {output or default} ({reason}); saved to {saved.folder}"
-    saved.url = push(result, args.push_to_hub, args, local_dir=saved.folder)
+    saved.url = push(result, args.push_to_hub, args, saved.folder)
     return saved
 
 
-def save_store(store: Any, folder: Path, args: argparse.Namespace, **push_options: Any) -> Saved:
+def save_store(store: Any, folder: Path, args: argparse.Namespace) -> Saved:
     """Save a fingerprint or a grid to ``folder``, then push it when asked."""
     store.save(folder)
-    return Saved(folder, push(store, args.push_to_hub, args, **push_options))
+    return Saved(folder, push(store, args.push_to_hub, args, folder))
 
 
-def push(store: Any, repo_id: str | None, args: argparse.Namespace, **options: Any) -> str | None:
-    """``store.push_to_hub(repo_id)`` with ``--private`` and ``--token``; its URL (None without a
-    ``repo_id``)."""
+def push(store: Any, repo_id: str | None, args: argparse.Namespace, saved: Path) -> str | None:
+    """``store.push_to_hub(repo_id)`` with ``--private`` and ``--token``, its local copy the
+    folder ``saved`` it was saved to; its URL (None without a ``repo_id``)."""
     if not repo_id:
         return None
-    return store.push_to_hub(repo_id, private=args.private or None, token=args.token, **options)
+    options = {"private": args.private or None, "token": args.token, "local_dir": saved}
+    return store.push_to_hub(repo_id, **options)
 
 
 def _write(result: Any, folder: Path, plot_file: str) -> None:
@@ -274,6 +285,8 @@ def compare_summary(result: Any, folder: Path, url: str | None) -> str:
 
 
 def drift_summary(drift: Any, folder: Path, url: str | None) -> str:
+    from .measures import measure_label
+
     rows = [("base", drift.base)]
     rows += [(f"checkpoint [{i}]", name) for i, name in enumerate(drift.checkpoints, start=1)]
     provenance = Provenance.from_dict(drift.results[0].metadata)
@@ -285,7 +298,7 @@ def drift_summary(drift: Any, folder: Path, url: str | None) -> str:
     for layer, values in zip(drift.layers, drift.similarity.tolist(), strict=True):
         table.append(f"{layer:<{width}}" + _values(values))
     saved = f"{folder}/ (drift.json, one folder per checkpoint, {DRIFT_PLOT_FILE})"
-    title = "same-layer CKA with the base (1 = unchanged):"
+    title = f"same-layer {measure_label(drift.results[0].metadata)} with the base (1 = unchanged):"
     return "\n".join([_table(rows), "", title, *table, "", _table(_destinations(saved, url))])
 
 

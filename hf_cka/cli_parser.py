@@ -24,7 +24,6 @@ from .cli_args import (
     add_estimator,
     add_layer_choice,
     add_loading,
-    add_measure,
     add_output,
     add_private,
     add_store_options,
@@ -69,7 +68,7 @@ _COMMANDS = {
         "M1 M2 [M ...]",
     ),
     "plot": ("Re-plot a saved CKA or drift result.", PLOT_EPILOG, None),
-    "push": ("Publish a saved result as a Hub dataset.", PUSH_EPILOG, None),
+    "push": ("Publish a saved result or fingerprint as a Hub dataset.", PUSH_EPILOG, None),
 }
 
 
@@ -130,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading(compare)
     add_data(compare)
     add_estimator(compare)
-    add_measure(compare)
     add_output(compare, HEATMAP_FILE)
 
     drift = command("drift")
@@ -182,15 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading(grid)
     add_data(grid)
     add_estimator(grid)
-    add_measure(grid)
     add_store_options(grid)
     add_store_output(grid, "the grid (grid.json, one folder per pair, grid.png)")
 
     plot, push = command("plot"), command("push")
-    for saved in (plot, push):
-        saved.add_argument(
-            "result_dir", type=Path, metavar="RESULT_DIR", help="a saved result folder"
-        )
+    plot.add_argument("result_dir", type=Path, metavar="RESULT_DIR", help="a saved result folder")
+    push.add_argument(
+        "result_dir", type=Path, metavar="FOLDER", help="a saved result or fingerprint folder"
+    )
     plot.add_argument(
         "--output",
         "-o",

@@ -32,6 +32,7 @@ from .provenance import (
 )
 from .runner import Accumulated, new_metric
 from .statistics import null_order
+from .tokens import HubToken
 
 # compare() options that only the single-stream path has
 _STREAM_ONLY = ("callback", "target_stderr", "checkpoint_dir")
@@ -185,7 +186,7 @@ class Side:
         pooling: str,
         options: ExtractOptions,
         reference: Fingerprint | None,
-        token: str | bool | None,
+        token: HubToken,
     ) -> Fingerprint:
         """The fingerprint of this side, extracted now for a model (checked against
         ``reference``)."""
@@ -203,7 +204,7 @@ def load_sides(
     specs: Sequence[tuple[str | None, str | None, str | Sequence[LayerSpec], Part]],
     pooling: str,
     loader: ModelLoader,
-    token: str | bool | None,
+    token: HubToken,
 ) -> tuple[Side, Side | None]:
     """Side A and side B (``None``: no model B) of ``(spec, revision, layers, part)`` each: the
     fingerprint a spec names, else the model it names, loaded with ``loader``.
@@ -253,7 +254,7 @@ def compare_two_phase(
     side_b: Side,
     data: Any,
     options: RunOptions,
-    token: str | bool | None,
+    token: HubToken,
 ) -> Any:
     """Extract each model side separately (a stored side runs nothing) and combine."""
     pooling = options.pooling
@@ -281,7 +282,7 @@ def drift_one_at_a_time(
     checkpoints: Sequence[ModelSource],
     data: Any,
     options: RunOptions,
-    token: str | bool | None,
+    token: HubToken,
 ) -> list[Any]:
     """Base-vs-checkpoint results holding ONE model at a time: the base is extracted once, then
     each checkpoint is loaded, extracted against the base's batches, freed and combined."""

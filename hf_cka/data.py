@@ -21,6 +21,7 @@ from .errors import (
     EmptyDataError,
     InvalidInputError,
 )
+from .tokens import HubToken
 
 MIN_BATCH = 4
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -52,7 +53,7 @@ def load_samples(
     split: str | None = None,
     num_samples: int | None = None,
     modality: str = "text",
-    token: str | bool | None = None,
+    token: HubToken = None,
     paired: Sequence[PairedColumn] = (),
 ) -> tuple[Iterator[Any], dict[str, Any]]:
     """Validated samples from ``data`` (capped at ``num_samples``) and a provenance dict.

@@ -17,6 +17,7 @@ from .errors import (
     SplitNotFoundError,
     suggest_paths,
 )
+from .tokens import HubToken
 
 FILE_BUILDERS = {
     ".csv": "csv",
@@ -29,7 +30,7 @@ FILE_BUILDERS = {
 
 
 def load_dataset_split(
-    source: str, config: str | None, split: str | None, token: str | bool | None
+    source: str, config: str | None, split: str | None, token: HubToken
 ) -> tuple[Any, dict[str, Any]]:
     """A ``datasets`` split from a local file/folder or a Hub dataset id.
 
@@ -147,7 +148,7 @@ def _check_hub_dataset_id(source: str) -> None:
 
 
 def _part_error(
-    source: str, config: str | None, split: str | None, token: str | bool | None, err: Exception
+    source: str, config: str | None, split: str | None, token: HubToken, err: Exception
 ) -> HfCkaError:
     """The typed error for a ``ValueError`` of ``load_dataset``: an unknown config or split
     (listing the existing ones), or else an unreadable dataset."""

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from typing_extensions import Unpack
 
 from hf_cka import storage
 from hf_cka.errors import InvalidInputError, ResultFormatError, ShapeMismatchError
-from hf_cka.hub import HubRuns
+from hf_cka.hub import HubRead, HubRuns
 from hf_cka.result import CKAResult
 from hf_cka.storage import DRIFT_FILE, DRIFT_SCHEMA_NAME, SCHEMA_VERSION, json_text
 from hf_cka.stored import DRIFT_KEY, Stored, complete_drift_info, drift_run_ids
@@ -86,11 +87,8 @@ class DriftResult(Stored):
                 "metadata": self.metadata,
             }
 
-    def __repr__(self) -> str:
-        return (
-            f"DriftResult(drift_id={self.drift_id!r}, base={self.base!r},"
-            f" checkpoints={self.checkpoints!r}, layers={len(self.layers)})"
-        )
+    def _described(self) -> dict[str, Any]:
+        return {"base": self.base, "checkpoints": self.checkpoints, "layers": len(self.layers)}
 
     @property
     def drift_id(self) -> str:
@@ -193,27 +191,18 @@ class DriftResult(Stored):
 
     @classmethod
     def from_hub(
-        cls,
-        repo_id: str,
-        drift_id: str | None = None,
-        *,
-        revision: str | None = None,
-        token: str | None = None,
+        cls, repo_id: str, drift_id: str | None = None, **read: Unpack[HubRead]
     ) -> DriftResult:
-        """Reassemble a drift pushed with :meth:`push_to_hub` from its runs.
-
-        Args:
-            repo_id: Dataset repository.
-            drift_id: The drift; None takes the latest by its ``created_at``.
-            revision: Branch, tag or commit of the repository (default branch if None).
-            token: Hub token (surrounding whitespace is ignored).
+        """Reassemble the drift ``drift_id`` (None: the latest by its ``created_at``) pushed to
+        the Hub dataset ``repo_id`` with :meth:`push_to_hub`, from its runs; ``revision`` and
+        ``token`` as :class:`~hf_cka.hub.HubRead` says.
 
         Raises:
             HubReadError: no such repository or revision, no access, or the Hub is unreachable.
             ResultFormatError: the repository holds no drift, not the named one (the message
                 lists the available ones), an incomplete one, or malformed files.
         """
-        return cls._from_hub(repo_id, drift_id, revision, token)
+        return cls._from_hub(repo_id, drift_id, **read)
 
     @classmethod
     def _select(cls, runs: HubRuns, wanted: str | None) -> DriftResult:

@@ -35,6 +35,7 @@ from .options import DEFAULTS
 from .pooling import check_pooling
 from .provenance import library_versions
 from .shards import BatchStore, ShardFolder, run_key
+from .tokens import HubToken
 
 DEFAULT_BUFFER_BYTES = 1 << 30  # pooled features held at once for sorting by length: 1 GiB
 
@@ -167,7 +168,7 @@ def _windows(
         yield window
 
 
-def data_provenance(data: Any, info: dict[str, Any], token: str | bool | None) -> dict[str, Any]:
+def data_provenance(data: Any, info: dict[str, Any], token: HubToken) -> dict[str, Any]:
     """``info`` from :func:`hf_cka.data.load_samples` plus ``data_revision``: the probe
     corpus's sha256, or the commit sha of a Hub dataset (``None`` when unknown)."""
     out = {key: value for key, value in info.items() if key != "size"}
@@ -181,7 +182,7 @@ def data_provenance(data: Any, info: dict[str, Any], token: str | bool | None) -
     return out
 
 
-def _dataset_sha(repo_id: str, token: str | bool | None) -> str | None:
+def _dataset_sha(repo_id: str, token: HubToken) -> str | None:
     from huggingface_hub import HfApi
 
     from ._network import NETWORK_ERRORS
@@ -201,7 +202,7 @@ def extract(
     options: ExtractOptions = ExtractOptions(),
     *,
     reference: Fingerprint | None = None,
-    token: str | bool | None = None,
+    token: HubToken = None,
 ) -> Fingerprint:
     """Run ``loaded`` over ``data`` and return its fingerprint (see the module docstring).
 
@@ -387,7 +388,7 @@ def fingerprint_model(
     *,
     reference: Fingerprint | None = None,
     same_layers: Sequence[str] | None = None,
-    token: str | bool | None = None,
+    token: HubToken = None,
 ) -> Fingerprint:
     """Load ONE model, extract its fingerprint and free it before returning.
 

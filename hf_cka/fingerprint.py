@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -34,10 +35,13 @@ from safetensors.torch import load, save
 from . import storage
 from .errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from .model_files import FINGERPRINT_FILE
+from .publishing import Publishable
 from .storage import FINGERPRINT_CARD_FILE as CARD_FILE
 from .storage import FINGERPRINT_TENSORS_FILE as TENSORS_FILE
-from .storage import validate_repo_id
-from .tokens import clean_token
+from .tokens import HubToken, clean_token
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitOperationAdd, HfApi
 
 SCHEMA_NAME = "hf_cka.Fingerprint"
 SCHEMA_VERSION = 1
@@ -67,7 +71,7 @@ def full_matrix(triangle: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @dataclass(eq=False, repr=False)
-class Fingerprint:
+class Fingerprint(Publishable):
     """One model's per-batch squared distances (and optionally pooled features) on some data.
 
     Attributes:
@@ -317,38 +321,34 @@ class Fingerprint:
         return fingerprint
 
     # ----------------------------------------------------------------------- Hub
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str | None = None,
-    ) -> str:
-        """Publish the fingerprint as the Hub dataset ``repo_id`` in ONE commit; returns its URL.
+    def _holds_this(self, folder: Path) -> bool:
+        if not (folder / FINGERPRINT_FILE).is_file():
+            return False
+        try:
+            saved = Fingerprint.load(folder)
+        except ResultFormatError:
+            return False
+        return saved._files()[FINGERPRINT_FILE] == self._files()[FINGERPRINT_FILE]
 
-        The commit holds ``fingerprint.json``, ``fingerprint.safetensors`` and the ``README.md``
-        card (replacing an earlier fingerprint in that repo).
-        """
-        from huggingface_hub import CommitOperationAdd, HfApi
+    def _default_folder(self) -> Path:
+        return default_folder(self.name)
 
-        validate_repo_id(repo_id)
-        api = HfApi()
-        cleaned = clean_token(token)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=cleaned)
-        operations = [CommitOperationAdd(name, blob) for name, blob in self._files().items()]
-        info = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=commit_message or f"Add the hf_cka fingerprint of {self.name}",
-            repo_type="dataset",
-            token=cleaned,
-        )
-        return info.commit_url
+    def _commit_operations(
+        self, api: HfApi, repo_id: str, token: HubToken
+    ) -> tuple[list[CommitOperationAdd], str | None]:
+        from huggingface_hub import CommitOperationAdd
+
+        return [CommitOperationAdd(name, blob) for name, blob in self._files().items()], None
+
+    def _commit_message(self) -> str:
+        return f"Add the hf_cka fingerprint of {self.name}"
+
+    def _pushed_what(self) -> str:
+        return f"the fingerprint of {self.name!r}"
 
     @classmethod
     def from_hub(
-        cls, repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+        cls, repo_id: str, *, revision: str | None = None, token: HubToken = None
     ) -> Fingerprint:
         """Download and validate the fingerprint of the Hub dataset ``repo_id``."""
         from huggingface_hub import hf_hub_download
@@ -368,8 +368,14 @@ class Fingerprint:
         return fingerprint
 
 
+def default_folder(model: str) -> Path:
+    """Where a fingerprint of ``model`` is saved by default: ``./cka-fingerprints/<model>/``,
+    every run of characters other than letters, digits, ``.`` and ``-`` made ``--``."""
+    return Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", model)
+
+
 def load_fingerprint(
-    source: str | Path, revision: str | None = None, token: str | bool | None = None
+    source: str | Path, revision: str | None = None, token: HubToken = None
 ) -> Fingerprint:
     """A fingerprint from a local folder, else from the Hub dataset repo ``source``."""
     if Path(source, FINGERPRINT_FILE).is_file():

@@ -18,18 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from typing_extensions import Unpack
 
 from . import storage
 from .combine import combine, reference_data
 from .errors import InvalidInputError, ResultFormatError, ShapeMismatchError
 from .extract import ExtractOptions, ModelSource, fingerprint_model
 from .fingerprint import Fingerprint
-from .hub import HubRuns
+from .hub import HubRead, HubRuns
 from .model_files import names_fingerprint
 from .options import RunOptions
 from .result import CKAResult
 from .storage import GRID_FILE, GRID_PLOT_FILE, SCHEMA_VERSION
 from .stored import Stored, figure_png
+from .tokens import HubToken
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -93,8 +95,8 @@ class GridResult(Stored):
                 "metadata": self.metadata,
             }
 
-    def __repr__(self) -> str:
-        return f"GridResult(grid_id={self.grid_id!r}, models={self.models!r})"
+    def _described(self) -> dict[str, Any]:
+        return {"models": self.models}
 
     @property
     def grid_id(self) -> str:
@@ -243,21 +245,17 @@ class GridResult(Stored):
 
     @classmethod
     def from_hub(
-        cls,
-        repo_id: str,
-        grid_id: str | None = None,
-        *,
-        revision: str | None = None,
-        token: str | None = None,
+        cls, repo_id: str, grid_id: str | None = None, **read: Unpack[HubRead]
     ) -> GridResult:
-        """Reassemble a grid pushed with :meth:`push_to_hub` (default: the latest one).
+        """Reassemble the grid ``grid_id`` (None: the latest) pushed to the Hub dataset ``repo_id``
+        with :meth:`push_to_hub`; ``revision`` and ``token`` as :class:`~hf_cka.hub.HubRead` says.
 
         Raises:
             HubReadError: no such repository or revision, no access, or the Hub unreachable.
             ResultFormatError: the repository holds no grid, not the named one, an incomplete
                 one, or malformed files.
         """
-        return cls._from_hub(repo_id, grid_id, revision, token)
+        return cls._from_hub(repo_id, grid_id, **read)
 
     @classmethod
     def _select(cls, runs: HubRuns, wanted: str | None) -> GridResult:
@@ -295,7 +293,7 @@ def run_grid(
     options: RunOptions,
     extraction: ExtractOptions,
     *,
-    token: str | bool | None = None,
+    token: HubToken = None,
 ) -> GridResult:
     """Extract each model once with ``extraction`` (one in memory at a time; fingerprints are
     loaded) and combine every pair ``i <= j`` with ``options``."""

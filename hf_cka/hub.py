@@ -1,4 +1,5 @@
-"""Runs in a Hub dataset repository: the table schemas, the index, reads and the retrying push.
+"""Runs in a Hub dataset repository: the table schemas, the index, reads, and the retrying commit
+(:func:`commit`) that every push goes through, fingerprints' too.
 
 A repository of type ``dataset`` collects runs:
 
@@ -23,11 +24,11 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,24 +39,32 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hf_cka._network import (
-    NETWORK_ERRORS,
-    PERMANENT_ERRORS,
-    LocalProtocolError,
-    OfflineModeIsEnabled,
-)
+from hf_cka._network import NETWORK_ERRORS, advice, retry_reason
 from hf_cka.cards import render_dataset_card
 from hf_cka.errors import HubPushError, HubReadError, InvalidInputError, ResultFormatError
 from hf_cka.storage import RUN_ID, SCHEMA_VERSION, created_key, field
-from hf_cka.tokens import scrub
+from hf_cka.tokens import HubToken, scrub
 
 logger = logging.getLogger(__name__)
+
+
+class HubRead(TypedDict, total=False):
+    """Which state of a Hub dataset ``from_hub`` reads, and with which token.
+
+    Attributes:
+        revision: a branch, tag or commit sha of the repository (unset or None: the default
+            branch).
+        token: a :data:`~hf_cka.tokens.HubToken` (unset or None: the saved login or
+            ``HF_TOKEN``).
+    """
+
+    revision: str | None
+    token: HubToken
+
 
 INDEX_FILE = "hf_cka_index.json"
 INDEX_SCHEMA = "hf_cka.HubIndex"
 _RUNS_FILE = re.compile(r"data/runs/([^/]+)\.parquet")
-_CONFLICT_STATUS = frozenset({409, 412})
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _PUSH_ERRORS: tuple[type[BaseException], ...] = (OSError, ResultFormatError, *NETWORK_ERRORS)
 _SUMMARY_KEYS = ("run_id", "model_a", "model_b", "created_at", "num_layers_a", "num_layers_b")
 
@@ -125,12 +134,10 @@ class HubRuns:
     api: HfApi
     repo_id: str
     revision: str | None
-    token: str | bool | None
+    token: HubToken
 
     @classmethod
-    def pin(
-        cls, api: HfApi, repo_id: str, revision: str | None, token: str | bool | None
-    ) -> HubRuns:
+    def pin(cls, api: HfApi, repo_id: str, revision: str | None, token: HubToken) -> HubRuns:
         """Resolve ``revision`` (default branch if None) to its commit so all reads agree."""
         sha = api.dataset_info(repo_id, revision=revision, token=token).sha
         return cls(api, repo_id, sha or revision, token)
@@ -255,7 +262,7 @@ def _decode_json(record: Mapping[str, Any], key: str, kind: type, source: str) -
 
 
 @contextmanager
-def reading(repo_id: str, revision: str | None, token: str | bool | None) -> Iterator[HfApi]:
+def reading(repo_id: str, revision: str | None, token: HubToken) -> Iterator[HfApi]:
     """Turn the Hub's errors while reading ``repo_id`` into one-line :class:`HubReadError`."""
     where = f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
@@ -276,20 +283,20 @@ def reading(repo_id: str, revision: str | None, token: str | bool | None) -> Ite
         ) from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
-        advice = (
+        what_to_do = (
             "check the token (token=..., HF_TOKEN or `hf auth login`) and your access to the repo"
             if status in (401, 403)
             else "try again later"
         )
         raise HubReadError(
-            f"reading the {where} failed (HTTP {status}); {advice}",
+            f"reading the {where} failed (HTTP {status}); {what_to_do}",
             repo_id=repo_id,
             revision=revision,
         ) from None
     except NETWORK_ERRORS as err:
         raise HubReadError(
             f"could not reach the Hub to read the {where}"
-            f" ({scrub(f'{type(err).__name__}: {err}', token)}); {_advice(err) or 'retry'}",
+            f" ({scrub(f'{type(err).__name__}: {err}', token)}); {advice(err) or 'retry'}",
             repo_id=repo_id,
             revision=revision,
         ) from None
@@ -298,58 +305,19 @@ def reading(repo_id: str, revision: str | None, token: str | bool | None) -> Ite
 # --------------------------------------------------------------------------- pushing
 
 
-def _retry_reason(err: BaseException) -> str | None:
-    """Why ``err`` is worth retrying (a conflict or a transient failure), or None."""
-    if isinstance(err, HfHubHTTPError):
-        status = getattr(err.response, "status_code", None)
-        if status in _CONFLICT_STATUS:
-            return f"conflict with a concurrent push (HTTP {status})"
-        return f"HTTP {status}" if status in _TRANSIENT_STATUS else None
-    if isinstance(err, NETWORK_ERRORS) and not isinstance(err, PERMANENT_ERRORS):
-        return f"network error ({type(err).__name__})"
-    return None
-
-
-def _advice(err: BaseException) -> str | None:
-    """What to change before trying again, for errors that a plain retry cannot cure."""
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if status == 401:
-        return "the token was refused: log in with `hf auth login` or set HF_TOKEN / token=..."
-    if status == 403:
-        return "the token has no write access to this repo: use a token with write permission"
-    if isinstance(err, OfflineModeIsEnabled):
-        return "huggingface_hub is in offline mode: unset HF_HUB_OFFLINE"
-    if isinstance(err, LocalProtocolError):
-        return "the request was malformed (is the token a single line without spaces?)"
-    return None
-
-
-def push_runs(
+def run_operations(
+    api: HfApi,
     runs: Sequence[HubRun],
     repo_id: str,
-    *,
-    local_copy: Path,
-    private: bool | None,
-    token: str | bool | None,
-    commit_message: str,
-    max_attempts: int,
-    backoff_s: float,
-    extra_files: Mapping[str, bytes] | None = None,
-) -> CommitInfo:
-    """Add ``runs`` to the Hub dataset ``repo_id`` in one commit, with the card and the index
-    (and ``extra_files``, by repo path, such as a grid's clustered heatmap).
+    token: HubToken,
+    extra_files: Mapping[str, bytes],
+) -> tuple[list[CommitOperationAdd], str | None]:
+    """The commit that adds ``runs`` to ``repo_id``, and the revision it is built on.
 
-    The commit names the revision it was built on as its parent, so a concurrent push makes it
-    fail with a conflict; it is then rebuilt on the new head. Conflicts, HTTP 408/429/5xx and
-    network errors are retried up to ``max_attempts`` times, waiting ``backoff_s * 2**k``
-    seconds (with jitter, at most 60 s) before retry ``k + 1``; other errors are not.
-
-    Raises:
-        InvalidInputError: ``max_attempts`` < 1.
-        HubPushError: the push failed for good; it names ``local_copy`` and what to do.
+    Per run ``data/scores/<run_id>.parquet``, ``data/runs/<run_id>.parquet`` and
+    ``plots/<run_id>.png``; then ``extra_files`` (by repo path, such as a grid's clustered
+    heatmap), and ``README.md`` and the index rewritten over the runs already there.
     """
-    if max_attempts < 1:
-        raise InvalidInputError(f"max_attempts must be >= 1; got {max_attempts}")
     files: dict[str, bytes] = {}
     for run in runs:
         row = {name: run.record[name] for name in RUNS_SCHEMA.names}
@@ -358,7 +326,43 @@ def push_runs(
             pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
         )
         files[f"plots/{run.run_id}.png"] = run.png
-    files.update(extra_files or {})
+    existing = HubRuns.pin(api, repo_id, None, token)
+    index = {entry["run_id"]: entry for entry in existing.summaries(required=False)}
+    index.update((run.run_id, summary(run.record)) for run in runs)
+    document = {"schema": INDEX_SCHEMA, "schema_version": SCHEMA_VERSION, "runs": index}
+    files |= extra_files
+    files["README.md"] = str(render_dataset_card(repo_id, list(index.values()))).encode("utf-8")
+    files[INDEX_FILE] = json.dumps(document).encode("utf-8")
+    return [CommitOperationAdd(path, data) for path, data in files.items()], existing.revision
+
+
+def commit(
+    repo_id: str,
+    operations: Callable[[HfApi], tuple[list[CommitOperationAdd], str | None]],
+    *,
+    what: str,
+    local_copy: Path,
+    private: bool | None,
+    token: HubToken,
+    commit_message: str,
+    max_attempts: int,
+    backoff_s: float,
+) -> CommitInfo:
+    """Create the dataset repo ``repo_id`` if missing and commit ``operations(api)`` to it.
+
+    ``operations`` returns the files and the revision they were built on (None: any); the
+    commit names that revision as its parent, so a concurrent push makes it fail with a
+    conflict, and it is then rebuilt on the new head. Conflicts, HTTP 408/429/5xx and network
+    errors are retried up to ``max_attempts`` times, waiting ``backoff_s * 2**k`` seconds (with
+    jitter, at most 60 s) before retry ``k + 1``; other errors are not.
+
+    Raises:
+        InvalidInputError: ``max_attempts`` < 1.
+        HubPushError: the push (of ``what``, as the message says) failed for good; it names
+            ``local_copy`` and what to do.
+    """
+    if max_attempts < 1:
+        raise InvalidInputError(f"max_attempts must be >= 1; got {max_attempts}")
     api = HfApi()
     attempt = 0
     while True:
@@ -367,28 +371,19 @@ def push_runs(
             api.create_repo(
                 repo_id, repo_type="dataset", private=private, exist_ok=True, token=token
             )
-            existing = HubRuns.pin(api, repo_id, None, token)
-            index = {entry["run_id"]: entry for entry in existing.summaries(required=False)}
-            index.update((run.run_id, summary(run.record)) for run in runs)
-            card = render_dataset_card(repo_id, list(index.values()))
-            document = {"schema": INDEX_SCHEMA, "schema_version": SCHEMA_VERSION, "runs": index}
-            operations = [CommitOperationAdd(path, data) for path, data in files.items()]
-            operations += [
-                CommitOperationAdd("README.md", str(card).encode("utf-8")),
-                CommitOperationAdd(INDEX_FILE, json.dumps(document).encode("utf-8")),
-            ]
+            files, parent = operations(api)
             return api.create_commit(
                 repo_id,
-                operations,
+                files,
                 commit_message=commit_message,
                 repo_type="dataset",
-                parent_commit=existing.revision,
+                parent_commit=parent,
                 token=token,
             )
         except _PUSH_ERRORS as err:
-            reason = _retry_reason(err)
+            reason = retry_reason(err)
             if reason is None or attempt == max_attempts:
-                raise _push_error(err, len(runs), repo_id, local_copy, attempt, token) from None
+                raise _push_error(err, what, repo_id, local_copy, attempt, token) from None
             delay = min(backoff_s * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.5)
             logger.warning(
                 "push to %s failed (%s); retrying in %.1fs (attempt %d/%d)",
@@ -403,21 +398,21 @@ def push_runs(
 
 def _push_error(
     err: BaseException,
-    count: int,
+    what: str,
     repo_id: str,
     local_copy: Path,
     attempts: int,
-    token: str | bool | None,
+    token: HubToken,
 ) -> HubPushError:
     """The one-line error of a failed push: the cause, the local copy and the fix."""
     local = local_copy.resolve()
     failure = scrub(f"{type(err).__name__}: {err}", token).replace("\n", " ")
-    advice = _advice(err) or (
+    what_to_do = advice(err) or (
         f"once the Hub answers again, push the saved copy with `hf-cka push {local} {repo_id}`"
     )
     return HubPushError(
-        f"pushing {count} run(s) to the Hub dataset {repo_id!r} failed after {attempts}"
-        f" attempt(s): {failure}. The result is saved locally in {local}; {advice}.",
+        f"pushing {what} to the Hub dataset {repo_id!r} failed after {attempts}"
+        f" attempt(s): {failure}. It is saved locally in {local}; {what_to_do}.",
         repo_id=repo_id,
         local_path=str(local),
     )

@@ -23,7 +23,7 @@ from .errors import (
     WeightsFileError,
     suggest_paths,
 )
-from .tokens import clean_token
+from .tokens import HubToken, clean_token
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -77,9 +77,7 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def resolve_commit(
-    name: str, revision: str | None, token: str | bool | None
-) -> tuple[str | None, set[str]]:
+def resolve_commit(name: str, revision: str | None, token: HubToken) -> tuple[str | None, set[str]]:
     """Commit sha of ``revision`` of ``name`` and the repo's file names.
 
     A local folder has no sha (``None``) and lists its own files. When the Hub cannot be
@@ -209,7 +207,7 @@ def _check_safetensors(path: str) -> None:
         ) from err
 
 
-def is_fingerprint(spec: Any, revision: str | None = None, token: str | bool | None = None) -> bool:
+def is_fingerprint(spec: Any, revision: str | None = None, token: HubToken = None) -> bool:
     """Whether ``spec`` names a fingerprint (:mod:`hf_cka.fingerprint`) rather than a model: a
     local folder holding ``fingerprint.json``, or a Hub dataset repo with that file."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
@@ -228,7 +226,7 @@ def is_fingerprint(spec: Any, revision: str | None = None, token: str | bool | N
         return False
 
 
-def names_fingerprint(spec: str | None, revision: str | None, token: str | bool | None) -> bool:
+def names_fingerprint(spec: str | None, revision: str | None, token: HubToken) -> bool:
     """Whether a model spec (``"repo@revision"`` allowed; ``None``: no model) names a
     fingerprint, see :func:`is_fingerprint`."""
     if spec is None:

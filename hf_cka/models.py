@@ -20,6 +20,7 @@ from torch import nn
 
 from . import distributed
 from ._network import NETWORK_ERRORS
+from .dtypes import resolve_dtype
 from .errors import (
     DeviceMismatchError,
     DeviceNotAvailableError,
@@ -40,21 +41,11 @@ from .model_files import (
 )
 from .processors import input_modality, is_two_tower, load_processor, prepare_tokenizer
 from .provenance import ModelProvenance
+from .tokens import HubToken
 
 LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, *NETWORK_ERRORS)
 """A model that cannot be read from disk or fetched from the Hub."""
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
 
 @dataclass
@@ -156,23 +147,6 @@ class LoadedModel:
         )
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
-    """``None``/``"auto"`` -> ``"auto"`` (the checkpoint's dtype); names -> ``torch.dtype``."""
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise InvalidInputError(
-                f"expected a floating dtype (torch.float32, float16, bfloat16 or float64) or "
-                f"'auto', got {dtype}; model weights and activations must be floating point"
-            )
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    if key not in DTYPES:
-        raise InvalidInputError(f"expected dtype in {sorted(DTYPES)} or 'auto', got {dtype!r}")
-    return DTYPES[key]
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``).
 
@@ -255,7 +229,7 @@ class ModelLoader:
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
-        token: str | bool | None = None,
+        token: HubToken = None,
     ) -> None:
         if device is not None and device_map is not None:
             raise DeviceMismatchError(

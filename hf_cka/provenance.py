@@ -29,7 +29,7 @@ DRIFT_KEYS = (
 """The metadata keys a drift analysis shares with each of its runs."""
 _FILLED_BY_RESULT = ("run_id", "created_at")
 _TWO_PHASE = ("shuffle_seed", "samples_digest", "two_phase")  # saved only when set
-_SAVED_WHEN_SET = ("text_column", "column_a", "column_b", "data_revision")
+_SAVED_WHEN_SET = ("text_column", "data_revision")
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,17 @@ class ModelProvenance:
 class DataProvenance:
     """Where the samples came from: a Hub dataset (with config and split), a file, or memory.
 
-    ``text_column`` is the column every model read; with paired data model A read ``column_a``
-    and model B ``column_b`` of the same rows. ``data_revision`` (a two-phase run) is the commit
-    sha of the Hub dataset or the sha256 of the probe corpus its fingerprints were made from.
-    Each of these is saved only when set.
+    ``text_column`` is the column every model read; with paired data model A read ``columns[0]``
+    and model B ``columns[1]`` of the same rows (saved as ``column_a`` and ``column_b``).
+    ``data_revision`` (a two-phase run) is the commit sha of the Hub dataset or the sha256 of the
+    probe corpus its fingerprints were made from. Each of these is saved only when set.
     """
 
     dataset: str | None = None
     dataset_config: str | None = None
     split: str | None = None
     text_column: str | None = None
-    column_a: str | None = None
-    column_b: str | None = None
+    columns: tuple[str, str] | None = None
     data_revision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,15 +107,22 @@ class DataProvenance:
         for name in _SAVED_WHEN_SET:
             if getattr(self, name) is not None:
                 info[name] = getattr(self, name)
+        if self.columns is not None:
+            info["column_a"], info["column_b"] = self.columns
         return info
 
     def same_column(self) -> bool:
         """Whether both models read the same column (always, without paired data)."""
-        return self.column_a == self.column_b
+        return self.columns is None or self.columns[0] == self.columns[1]
 
     @classmethod
     def from_dict(cls, metadata: Mapping[str, Any]) -> DataProvenance:
-        return cls(**{name: metadata.get(name) for name in _field_names(cls)})
+        """Read back :meth:`to_dict`; ``columns`` only when both ``column_a`` and ``column_b``
+        are there."""
+        pair = (metadata.get("column_a"), metadata.get("column_b"))
+        columns = None if None in pair else (str(pair[0]), str(pair[1]))
+        fields = [name for name in _field_names(cls) if name != "columns"]
+        return cls(**{name: metadata.get(name) for name in fields}, columns=columns)
 
     def label(self) -> str | None:
         """``dataset/config:split`` with the parts that are known (``None`` without a dataset)."""

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 import torch
+from typing_extensions import Unpack
 
 from hf_cka import storage
 from hf_cka.errors import ShapeMismatchError
-from hf_cka.hub import HubRun, HubRuns
+from hf_cka.hub import HubRead, HubRun, HubRuns
 from hf_cka.provenance import Provenance
 from hf_cka.storage import (
     DEFAULT_LOCAL_ROOT,
@@ -110,14 +111,9 @@ class CKAResult(Stored):
             setattr(self, name, value)
         self._stamp()
 
-    def __repr__(self) -> str:
-        extras = "".join(
-            f", {name}=True" for name in OPTIONAL_TENSORS if getattr(self, name) is not None
-        )
-        return (
-            f"CKAResult(run_id={self.run_id!r}, model_a={self.model_a!r},"
-            f" model_b={self.model_b!r}, shape={self.shape}{extras})"
-        )
+    def _described(self) -> dict[str, Any]:
+        present = {name: True for name in OPTIONAL_TENSORS if getattr(self, name) is not None}
+        return {"model_a": self.model_a, "model_b": self.model_b, "shape": self.shape, **present}
 
     @property
     def run_id(self) -> str:
@@ -239,30 +235,18 @@ class CKAResult(Stored):
 
     @classmethod
     def from_hub(
-        cls,
-        repo_id: str,
-        run_id: str | None = None,
-        *,
-        revision: str | None = None,
-        token: str | None = None,
+        cls, repo_id: str, run_id: str | None = None, **read: Unpack[HubRead]
     ) -> CKAResult:
-        """Download one run of a Hub dataset written by :meth:`push_to_hub`.
-
-        Args:
-            repo_id: Dataset repository.
-            run_id: The run; None takes the latest by ``created_at``.
-            revision: Branch, tag or commit of the repository (default branch if None).
-            token: Hub token (surrounding whitespace is ignored).
-
-        Returns:
-            The result, its matrix bit-identical to the one pushed.
+        """Download the run ``run_id`` (None: the latest by ``created_at``) of the Hub dataset
+        ``repo_id`` written by :meth:`push_to_hub`, at ``revision`` with ``token`` (see
+        :class:`~hf_cka.hub.HubRead`); its matrix is bit-identical to the one pushed.
 
         Raises:
             HubReadError: no such repository or revision, no access, or the Hub is unreachable.
             ResultFormatError: the repository holds no run, not the named run (the message lists
                 the available ones), or malformed files.
         """
-        return cls._from_hub(repo_id, run_id, revision, token)
+        return cls._from_hub(repo_id, run_id, **read)
 
     @classmethod
     def _select(cls, runs: HubRuns, wanted: str | None) -> CKAResult:

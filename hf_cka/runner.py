@@ -35,6 +35,7 @@ from .options import RunOptions
 from .progress import Progress
 from .statistics import null_order, stderr_target_reached
 from .streaming import new_accumulator
+from .tokens import HubToken
 
 
 @dataclass
@@ -200,7 +201,7 @@ def run_comparisons(
     data: Any,
     options: RunOptions,
     *,
-    token: str | bool | None = None,
+    token: HubToken = None,
 ) -> RunOutcome:
     """Stream ``data`` once through every distinct model and accumulate each comparison.
 

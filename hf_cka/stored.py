@@ -2,7 +2,8 @@
 
 :class:`Stored` is the base of :class:`~hf_cka.result.CKAResult`,
 :class:`~hf_cka.drift.DriftResult` and :class:`~hf_cka.grid.GridResult`: all save, load, push and
-pull through its methods and only say how to write, read and select themselves. The functions
+pull through its methods (the push through :class:`~hf_cka.publishing.Publishable`, as
+fingerprints do) and only say how to write, read and select themselves. The functions
 convert a run's tensors to its ``scores`` table and back.
 """
 
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 import numpy as np
 import pyarrow as pa
 import torch
-from huggingface_hub import CommitInfo
+from huggingface_hub import CommitOperationAdd, HfApi
 
 from hf_cka import hub, storage
 from hf_cka.errors import InvalidInputError, ResultFormatError, suggest
 from hf_cka.hub import SCORES_SCHEMA, HubRuns
+from hf_cka.publishing import Publishable
 from hf_cka.storage import (
     DEFAULT_LOCAL_ROOT,
     new_run_id,
@@ -28,7 +30,7 @@ from hf_cka.storage import (
     validate_repo_id,
     validate_run_id,
 )
-from hf_cka.tokens import clean_token
+from hf_cka.tokens import HubToken, clean_token
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,7 +68,7 @@ class Run(Protocol):
 DRIFT_KEY = "drift"  # metadata key recording a result's membership of a DriftResult
 
 
-class Stored:
+class Stored(Publishable):
     """Saving, loading, pushing and pulling, shared by every result class.
 
     A subclass names its id (:attr:`_id`), writes and reads its own files (:meth:`_write`,
@@ -82,6 +84,15 @@ class Stored:
     @property
     def _id(self) -> str:
         return str(self.metadata[self._ID_KEY])
+
+    def __repr__(self) -> str:
+        """``<class>(<id key>=<id>, ...)`` with :meth:`_described` (never the tensors)."""
+        fields = {self._ID_KEY: self._id, **self._described()}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    def _described(self) -> dict[str, Any]:
+        """What ``repr`` shows besides the id."""
+        raise NotImplementedError
 
     def _stamp(self) -> None:
         """Copy ``metadata`` and fill in its id (a fresh ``<k><UTC time>_<hex>``, ``k`` the
@@ -133,83 +144,39 @@ class Stored:
         with storage.naming_previous(Path(directory)):
             return cls._read(Path(directory))
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str | None = None,
-        local_dir: str | Path | None = None,
-        max_attempts: int = 5,
-        backoff_s: float = 1.0,
-    ) -> CommitInfo:
-        """Publish the run(s) to the Hub dataset ``repo_id``, keeping the runs already there.
+    def _holds_this(self, folder: Path) -> bool:
+        try:
+            saved = type(self).load(folder) if storage.holds_result(folder) else None
+        except ResultFormatError:
+            return False
+        return saved is not None and saved._id == self._id
 
-        The result is first saved to ``local_dir`` (default ``./cka-results/<id>/``; a folder
-        that already holds this very result is kept as it is). Then one commit adds, per run,
-        ``data/scores/<run_id>.parquet``, ``data/runs/<run_id>.parquet`` and
-        ``plots/<run_id>.png``, and rewrites ``README.md`` and the index of runs. A concurrent
-        push is detected and the commit rebuilt; conflicts, HTTP 408/429/5xx and network errors
-        are retried up to ``max_attempts`` times, waiting ``backoff_s * 2**k`` seconds (with
-        jitter) before retry ``k + 1``. See :func:`hf_cka.hub.push_runs`.
+    def _default_folder(self) -> Path:
+        return DEFAULT_LOCAL_ROOT / self._id
 
-        Args:
-            repo_id: Dataset repository, created if missing.
-            private: Visibility of a newly created repository (None: the Hub default).
-            token: Hub token (surrounding whitespace is ignored); None uses the saved login or
-                ``HF_TOKEN``. Never written anywhere.
-            commit_message: Defaults to ``"Add CKA run <run_id>"`` (or drift).
-            local_dir: Where to save the local copy.
-            max_attempts: Attempts before giving up.
-            backoff_s: Base wait between attempts, in seconds.
+    def _commit_operations(
+        self, api: HfApi, repo_id: str, token: HubToken
+    ) -> tuple[list[CommitOperationAdd], str | None]:
+        runs = [run._hub_run() for run in self._runs()]
+        return hub.run_operations(api, runs, repo_id, token, self._hub_extras())
 
-        Returns:
-            The commit (a ``str``: its URL).
+    def _commit_message(self) -> str:
+        return f"Add CKA {self._KIND} {self._id} ({len(self._runs())} run(s))"
 
-        Raises:
-            InvalidInputError: ``repo_id`` is not a valid repository id (nothing is saved).
-            HubPushError: the push failed for good; ``local_path`` names the local copy.
-        """
-        validate_repo_id(repo_id)
-        local = self._local_copy(local_dir)
-        runs = self._runs()
-        return hub.push_runs(
-            [run._hub_run() for run in runs],
-            repo_id,
-            local_copy=local,
-            private=private,
-            token=clean_token(token),
-            commit_message=commit_message
-            or f"Add CKA {self._KIND} {self._id} ({len(runs)} run(s))",
-            max_attempts=max_attempts,
-            backoff_s=backoff_s,
-            extra_files=self._hub_extras(),
-        )
+    def _pushed_what(self) -> str:
+        return f"{len(self._runs())} run(s)"
 
     def _hub_extras(self) -> dict[str, bytes]:
         """Files pushed with the runs besides theirs, by repo path (none by default)."""
         return {}
-
-    def _local_copy(self, local_dir: str | Path | None) -> Path:
-        """``local_dir`` as it is when it already holds this very result, else a fresh save."""
-        if local_dir is not None:
-            folder = Path(local_dir)
-            try:
-                saved = type(self).load(folder) if storage.holds_result(folder) else None
-            except ResultFormatError:
-                saved = None
-            if saved is not None and saved._id == self._id:
-                return folder
-        return self.save(local_dir if local_dir is not None else DEFAULT_LOCAL_ROOT / self._id)
 
     @classmethod
     def _from_hub(
         cls: type[_Result],
         repo_id: str,
         wanted: str | None,
-        revision: str | None,
-        token: str | None,
+        revision: str | None = None,
+        token: HubToken = None,
     ) -> _Result:
         """The result ``wanted`` (None: the latest) of the Hub dataset ``repo_id``."""
         validate_repo_id(repo_id)

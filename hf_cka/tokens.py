@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
+HubToken: TypeAlias = str | bool | None
+"""A Hub token as huggingface_hub takes it: the token itself (surrounding whitespace is ignored),
+``None`` or ``True`` for the saved login or ``HF_TOKEN``, ``False`` for none. Never written
+anywhere."""
+
 MASK = "***"
 
 
-def clean_token(token: str | bool | None) -> str | bool | None:
+def clean_token(token: HubToken) -> HubToken:
     """``token`` without surrounding whitespace (a token read from a file ends with a newline).
 
     ``True``/``False``/``None`` keep their huggingface_hub meaning; an empty string is ``None``.
@@ -23,7 +30,7 @@ def _forms(secret: str) -> list[str]:
     return sorted((form for form in forms if form), key=len, reverse=True)
 
 
-def scrub(text: str, token: str | bool | None = None) -> str:
+def scrub(text: str, token: HubToken = None) -> str:
     """``text`` with ``token`` and the saved token, in every form, replaced by ``***``."""
     from huggingface_hub import get_token  # lazy: `hf-cka --help` must not import the Hub client
 

@@ -177,6 +177,19 @@ def test_drift_writes_folder_plot_and_table(
         assert rows[layer] == [f"{value:.3f}" for value in values]
 
 
+def test_drift_takes_another_measure(
+    models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "drift"
+    argv = ["drift", models["a"], models["b"], "-o", str(folder), "--measure", "procrustes"]
+    assert main([*argv, *FAST]) == 0
+    drift = DriftResult.load(folder)
+    assert drift.metadata["measure"] == "procrustes" and drift.results[0].metadata["measure"] == (
+        "procrustes"
+    )
+    assert "same-layer Procrustes" in capsys.readouterr().out
+
+
 def test_plot_rewrites_heatmap_and_annotates(
     saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -366,6 +379,7 @@ def test_a_save_that_fails_after_the_run_falls_back_and_names_the_folder(
     ("argv", "message"),
     [
         (["compare", "a", "--device", "tpu9"], "unknown device 'tpu9'"),
+        (["compare", "a", "--dtype", "float8"], "invalid choice: 'float8'"),
         (["compare", "a", "--device", "cuda"], "no cuda device"),
         (["compare", "a", "--device", "cuda:0"], "no cuda device"),
         (["drift", "a", "b", "--device", "tpu9"], "unknown device 'tpu9'"),

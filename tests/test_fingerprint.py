@@ -5,6 +5,8 @@ model's forward passes), refusing stores of other samples, batches or settings."
 from __future__ import annotations
 
 import json
+import re
+import socket
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -276,12 +278,42 @@ def test_size_of_a_bert_base_fingerprint_on_the_probe_corpus(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- Hub
 
 
+def test_a_failed_push_keeps_a_local_copy_that_hf_cka_push_publishes(
+    hub, bert_print: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fingerprint pushes as the results do: saved first, retried, a typed error naming the
+    copy; ``hf-cka push`` then publishes that folder as it is."""
+    import huggingface_hub
+
+    from hf_cka.cli import main
+    from hf_cka.errors import HubPushError
+
+    fingerprint, kept = Fingerprint.load(bert_print), tmp_path / "kept"
+    repo_id = f"{hub.user}/fp-{uuid.uuid4().hex[:8]}"
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
+    with pytest.raises(HubPushError, match=r"fingerprint of .* after 2 attempt\(s\)") as caught:
+        fingerprint.push_to_hub(repo_id, local_dir=kept, max_attempts=2, backoff_s=0.01)
+    monkeypatch.undo()
+    assert caught.value.local_path == str(kept.resolve()) and "hf-cka push" in str(caught.value)
+    assert torch.equal(Fingerprint.load(kept).distances, fingerprint.distances)
+    written = (kept / FINGERPRINT_FILE).stat().st_mtime_ns
+    assert main(["push", str(kept), repo_id]) == 0
+    assert (kept / FINGERPRINT_FILE).stat().st_mtime_ns == written  # pushed as it is, not resaved
+    assert Fingerprint.from_hub(repo_id).batch_digests == fingerprint.batch_digests
+
+
 def test_push_is_one_commit_and_the_hub_repo_stands_in_for_a_model(
-    hub, saved, bert_print: str, forwards_by_name: Counter
+    hub, saved, bert_print: str, forwards_by_name: Counter, tmp_path: Path, monkeypatch
 ) -> None:
     repo_id = f"{hub.user}/fp-{uuid.uuid4().hex[:8]}"
     fingerprint = Fingerprint.load(bert_print)
+    monkeypatch.chdir(tmp_path)
     url = fingerprint.push_to_hub(repo_id)
+    local = tmp_path / "cka-fingerprints" / re.sub(r"[^\w.-]+", "--", fingerprint.name)
+    assert torch.equal(Fingerprint.load(local).distances, fingerprint.distances)  # saved first
     repo = hub.repo(repo_id, "dataset")
     head = repo.commits[repo.branches["main"]]
     assert url and set(head.files) - {".gitattributes"} == {

@@ -95,7 +95,7 @@ def test_towers_paired_columns_and_measures_are_fields_that_round_trip() -> None
     metadata = Provenance(
         model_a=ModelProvenance(name="clip", part="vision"),
         model_b=ModelProvenance(name="clip", part="text"),
-        data=DataProvenance(dataset="pairs", column_a="image", column_b="caption"),
+        data=DataProvenance(dataset="pairs", columns=("image", "caption")),
         measure="mutual_knn",
         measure_params={"k": 5},
     ).to_dict()

@@ -218,7 +218,7 @@ def downloads(hub, repo_id: str, since: int) -> int:
 
 
 def test_push_and_latest_cost_the_same_at_run_2_and_run_20(hub, repo_id: str, tmp_path) -> None:
-    from hf_cka.hub import push_runs
+    from hf_cka.hub import commit, run_operations
 
     def result(seed: int) -> CKAResult:
         return make_result(100 + seed, created_at=f"2026-01-01T00:00:{seed:02d}+00:00")
@@ -227,8 +227,9 @@ def test_push_and_latest_cost_the_same_at_run_2_and_run_20(hub, repo_id: str, tm
     for seed in (0, 1, 19):
         if seed == 19:  # runs 3 to 19 land in one commit, as a drift's or a grid's runs do
             runs = [result(s)._hub_run() for s in range(2, 19)]
-            push_runs(runs, repo_id, local_copy=tmp_path, private=None, token=None,
-                      commit_message="runs 3-19", max_attempts=1, backoff_s=0.01)  # fmt: skip
+            commit(repo_id, lambda api, runs=runs: run_operations(api, runs, repo_id, None, {}),
+                   what="17 runs", local_copy=tmp_path, private=None, token=None,
+                   commit_message="runs 3-19", max_attempts=1, backoff_s=0.01)  # fmt: skip
         start = len(hub.requests)
         result(seed).push_to_hub(repo_id, local_dir=tmp_path / str(seed))
         costs[seed + 1] = downloads(hub, repo_id, start)
