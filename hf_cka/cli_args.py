@@ -296,6 +296,14 @@ def add_estimator(parser: argparse.ArgumentParser) -> None:
         help="a parameter of the measure, repeatable: k=10 (mutual_knn), keep=0.99 (svcca),"
         " distance=euclidean (rsa)",
     )
+    add_run_option(
+        group,
+        "--max-bytes",
+        "stop with an error when the pooled features of another measure, or the states of an"
+        " exact estimator, would exceed N bytes (default: no limit)",
+        type=_int,
+        metavar="N",
+    )
 
 
 class _MeasureParam(argparse.Action):

@@ -130,6 +130,17 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     return " Did you mean " + (" or ".join(quoted) if len(quoted) < 3 else ", ".join(quoted)) + "?"
 
 
+def byte_size(n_bytes: float) -> str:
+    """``n_bytes`` in the largest binary unit it fills: ``"512 B"``, ``"10.24 MiB"``, ``"3.05 GiB"``
+    (a budget message must not read "needs 0.00 GiB, allows 0.00 GiB")."""
+    size, unit = float(n_bytes), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024:
+            break
+        size, unit = size / 1024, larger
+    return f"{size:.0f} B" if unit == "B" else f"{size:.2f} {unit}"
+
+
 # --- full-data similarity measures (hf_cka.measures) ---
 class FullDataMemoryError(MemoryBudgetError):
     """A full-data measure would hold more pooled features than ``max_bytes`` allows."""

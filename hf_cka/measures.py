@@ -32,6 +32,7 @@ from .errors import (
     InvalidInputError,
     NonFiniteActivationError,
     ShapeMismatchError,
+    byte_size,
     suggest,
 )
 from .functional import as_features, cka
@@ -39,7 +40,6 @@ from .functional import as_features, cka
 Measure = Literal["cka", "mutual_knn", "procrustes", "svcca", "pwcca", "rsa"]
 Distance = Literal["correlation", "euclidean", "cosine"]
 DISTANCES: tuple[str, ...] = get_args(Distance)
-_GIB = 1024**3
 
 
 def mutual_knn(x: torch.Tensor, y: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -274,9 +274,9 @@ def estimate_bytes(
     needed = 8 * (features + temporary)
     if max_bytes is not None and needed > max_bytes:
         raise FullDataMemoryError(
-            f"measure {measure!r} on {n} samples needs about {needed / _GIB:.2f} GiB (the pooled "
+            f"measure {measure!r} on {n} samples needs about {byte_size(needed)} (the pooled "
             f"float64 features of {sum(len(d) for d in sides)} layers take "
-            f"{8 * features / _GIB:.2f} GiB), but max_bytes allows {max_bytes / _GIB:.2f} GiB; "
+            f"{byte_size(8 * features)}), but max_bytes allows {byte_size(max_bytes)}; "
             "use fewer samples or layers, raise max_bytes, or use measure='cka', whose "
             "minibatch and streaming estimators do not hold the features"
         )

@@ -24,9 +24,7 @@ import torch
 from typing_extensions import Self
 
 from .accumulation import SidedAccumulator, common_exponents, exponent_header
-from .errors import InvalidInputError, MemoryBudgetError, ShapeMismatchError
-
-_GIB = 2**30
+from .errors import InvalidInputError, MemoryBudgetError, ShapeMismatchError, byte_size
 
 
 def estimate_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None) -> int:
@@ -114,10 +112,10 @@ class ShiftedMoments(SidedAccumulator):
         needed = estimate_bytes(dims_a, dims_b)
         if self.max_bytes is not None and needed > self.max_bytes:
             raise MemoryBudgetError(
-                f"the exact streaming CKA estimator needs {needed / _GIB:.2f} GiB for "
+                f"the exact streaming CKA estimator needs {byte_size(needed)} for "
                 f"{self.num_layers_a}x{self.num_layers_b} layers (widths {sum(dims_a)} x "
                 f"{sum(dims_a if dims_b is None else dims_b)} in total: one float64 cross-moment "
-                f"per layer pair), but max_bytes allows {self.max_bytes / _GIB:.2f} GiB; select "
+                f"per layer pair), but max_bytes allows {byte_size(self.max_bytes)}; select "
                 "fewer layers, or use estimator='minibatch' whose memory does not grow with width"
             )
         self.dims_a, self.dims_b = dims_a, dims_a if dims_b is None else dims_b

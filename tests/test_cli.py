@@ -190,6 +190,16 @@ def test_drift_takes_another_measure(
     assert "same-layer Procrustes" in capsys.readouterr().out
 
 
+def test_max_bytes_bounds_the_held_features(
+    models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", models["a"], models["b"], "-o", str(tmp_path / "out"), *FAST]
+    assert main([*argv, "--measure", "procrustes", "--max-bytes", "1000"]) == 2
+    error = one_error_line(capsys.readouterr().err)
+    assert re.search(r"needs about \d+\.\d\d KiB .* max_bytes allows 1000 B", error), error
+    assert not (tmp_path / "out").exists()
+
+
 def test_plot_rewrites_heatmap_and_annotates(
     saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -380,6 +390,7 @@ def test_a_save_that_fails_after_the_run_falls_back_and_names_the_folder(
     [
         (["compare", "a", "--device", "tpu9"], "unknown device 'tpu9'"),
         (["compare", "a", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["compare", "a", "--max-bytes", "0"], "max_bytes >= 1"),
         (["compare", "a", "--device", "cuda"], "no cuda device"),
         (["compare", "a", "--device", "cuda:0"], "no cuda device"),
         (["drift", "a", "b", "--device", "tpu9"], "unknown device 'tpu9'"),

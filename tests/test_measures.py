@@ -300,7 +300,7 @@ def test_estimate_bytes_counts_the_pooled_features():
 
 
 def test_estimate_bytes_refuses_over_budget_up_front():
-    with pytest.raises(FullDataMemoryError, match=r"needs about \d+\.\d\d GiB.*allows 0\.01 GiB"):
+    with pytest.raises(FullDataMemoryError, match=r"needs about \d+\.\d\d GiB.*allows 10\.24 MiB"):
         measures.estimate_bytes(
             10_000, [768] * 13, [1024] * 25, measure="svcca", max_bytes=2**30 // 100
         )
