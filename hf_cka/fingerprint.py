@@ -370,8 +370,10 @@ class Fingerprint(Publishable):
 
 def default_folder(model: str) -> Path:
     """Where a fingerprint of ``model`` is saved by default: ``./cka-fingerprints/<model>/``,
-    every run of characters other than letters, digits, ``.`` and ``-`` made ``--``."""
-    return Path("cka-fingerprints") / re.sub(r"[^\w.-]+", "--", model)
+    every run of characters other than letters, digits, ``.`` and ``-`` made ``--`` and leading
+    or trailing dots and dashes dropped (``org/bert`` -> ``org--bert``, ``./bert`` -> ``bert``,
+    never a hidden folder)."""
+    return Path("cka-fingerprints") / (re.sub(r"[^\w.-]+", "--", model).strip(".-") or "model")
 
 
 def load_fingerprint(

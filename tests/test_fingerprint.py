@@ -5,7 +5,6 @@ model's forward passes), refusing stores of other samples, batches or settings."
 from __future__ import annotations
 
 import json
-import re
 import socket
 import uuid
 from collections import Counter
@@ -21,7 +20,13 @@ from hf_cka.combine import combine
 from hf_cka.data import batch_samples, probe_corpus
 from hf_cka.errors import FingerprintMismatchError, InvalidInputError, ResultFormatError
 from hf_cka.extract import batch_distances
-from hf_cka.fingerprint import TENSORS_FILE, Fingerprint, full_matrix, triangle_size
+from hf_cka.fingerprint import (
+    TENSORS_FILE,
+    Fingerprint,
+    default_folder,
+    full_matrix,
+    triangle_size,
+)
 from hf_cka.functional import squared_distances
 from hf_cka.model_files import FINGERPRINT_FILE, is_fingerprint
 from hf_cka.options import RunOptions
@@ -305,6 +310,15 @@ def test_a_failed_push_keeps_a_local_copy_that_hf_cka_push_publishes(
     assert Fingerprint.from_hub(repo_id).batch_digests == fingerprint.batch_digests
 
 
+@pytest.mark.parametrize(
+    ("model", "folder"),
+    [("org/bert", "org--bert"), ("./bert", "bert"), ("/tmp/x/bert@v1", "tmp--x--bert--v1"),
+     ("..", "model")],
+)  # fmt: skip
+def test_the_default_folder_is_a_visible_name(model: str, folder: str) -> None:
+    assert default_folder(model) == Path("cka-fingerprints", folder)
+
+
 def test_push_is_one_commit_and_the_hub_repo_stands_in_for_a_model(
     hub, saved, bert_print: str, forwards_by_name: Counter, tmp_path: Path, monkeypatch
 ) -> None:
@@ -312,7 +326,7 @@ def test_push_is_one_commit_and_the_hub_repo_stands_in_for_a_model(
     fingerprint = Fingerprint.load(bert_print)
     monkeypatch.chdir(tmp_path)
     url = fingerprint.push_to_hub(repo_id)
-    local = tmp_path / "cka-fingerprints" / re.sub(r"[^\w.-]+", "--", fingerprint.name)
+    local = tmp_path / default_folder(fingerprint.name)
     assert torch.equal(Fingerprint.load(local).distances, fingerprint.distances)  # saved first
     repo = hub.repo(repo_id, "dataset")
     head = repo.commits[repo.branches["main"]]
