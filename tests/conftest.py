@@ -78,6 +78,29 @@ def saved(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture(scope="module")
+def bert_and_gpt2(saved) -> dict[str, str]:
+    """A tiny BERT and a tiny GPT-2 (different tokenizers), saved once for the module."""
+    return {"bert": saved("bert"), "gpt2": saved("gpt2", 1)}
+
+
+@pytest.fixture
+def bar_positions(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The position of the tqdm bar after each of its ``update`` calls during the test."""
+    from tqdm.auto import tqdm
+
+    positions: list[float] = []
+    original = tqdm.update
+
+    def record(self: tqdm, n: float = 1) -> bool | None:
+        shown = original(self, n)
+        positions.append(self.n)
+        return shown
+
+    monkeypatch.setattr(tqdm, "update", record)
+    return positions
+
+
 @pytest.fixture
 def forwards_by_name() -> Iterator[Counter]:
     """Counts forward calls of every ``PreTrainedModel`` by its ``name_or_path``."""

@@ -348,20 +348,10 @@ def test_an_empty_layer_list_fails_at_construction(saved, tmp_path: Path, side: 
 # ---------------------------------------------------------------------------- progress, ranks
 
 
-def test_progress_bar_moves_within_a_chunk(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_bar_moves_within_a_chunk(saved, bar_positions: list[float]) -> None:
     """One chunk of 8 CKA batches: the bar advances during the forward passes, before the chunk
     is complete, and ends on the exact batch count."""
-    from tqdm.auto import tqdm
-
-    positions: list[float] = []
-    original = tqdm.update
-
-    def record(self: tqdm, n: float = 1) -> bool | None:
-        shown = original(self, n)
-        positions.append(self.n)
-        return shown
-
-    monkeypatch.setattr(tqdm, "update", record)
+    positions = bar_positions
     at_first_batch: list[list[float]] = []
 
     def first_batch(done: int, total: int, matrix: torch.Tensor) -> None:

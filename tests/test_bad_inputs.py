@@ -5,7 +5,6 @@ without asking the Hub about strings that cannot be Hub ids (issue 13, item 4)."
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +16,9 @@ import pandas as pd
 import pytest
 import tiny
 import torch
+from helpers import subprocess_env
 from huggingface_hub import HfApi
 
-import hf_cka
 from hf_cka.auto import AutoCKA
 from hf_cka.data import load_samples
 from hf_cka.errors import (
@@ -35,8 +34,6 @@ from hf_cka.errors import (
     WeightsFileError,
 )
 from hf_cka.models import ModelLoader
-
-REPO_ROOT = Path(hf_cka.__file__).resolve().parent.parent
 
 
 def copy_model(saved, tmp_path: Path, name: str = "model") -> Path:
@@ -193,24 +190,32 @@ def test_a_hub_server_error_on_lookup_is_typed(hub) -> None:
         load_no_warnings("org/any")
 
 
+def offline_error(cwd: Path, call: str, error: str) -> tuple[str, str]:
+    """Run ``call`` (it may name ``hf_cka.models`` and ``hf_cka.data``) in a child process in
+    ``cwd`` with the Hub unreachable (``HF_HUB_OFFLINE=1``); the ``error`` it raises as
+    ``"ERROR <message>"`` on stdout, and stderr."""
+    script = (
+        f"import hf_cka.data, hf_cka.models\nfrom hf_cka.errors import {error}\n"
+        f"try:\n    {call}\nexcept {error} as err:\n    print('ERROR', err)\n"
+    )
+    env = subprocess_env(HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
 def test_misspelled_local_folder_offline_is_one_error_without_a_warning(tmp_path: Path) -> None:
     """Offline (the Hub unreachable), a name that is neither local nor cached fails at once:
     no Python warning, no download retries, and the close local folder is suggested."""
     (tmp_path / "minilm").mkdir()
-    script = (
-        "from hf_cka.models import ModelLoader\n"
-        "from hf_cka.errors import ModelNotFoundError\n"
-        "try:\n    ModelLoader().load('minlm')\n"
-        "except ModelNotFoundError as err:\n    print('ERROR', err)\n"
+    out, err = offline_error(
+        tmp_path, "hf_cka.models.ModelLoader().load('minlm')", "ModelNotFoundError"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("ERROR no local folder 'minlm'"), done.stdout
-    assert "not in the local cache" in done.stdout and "Did you mean './minilm'?" in done.stdout
-    assert "UserWarning" not in done.stderr and "Retry" not in done.stderr, done.stderr
+    assert out.startswith("ERROR no local folder 'minlm'"), out
+    assert "not in the local cache" in out and "Did you mean './minilm'?" in out
+    assert "UserWarning" not in err and "Retry" not in err, err
 
 
 # --------------------------------------------------------------------------- devices, dtypes
@@ -352,20 +357,10 @@ def test_a_misspelled_data_folder_offline_says_what_is_missing(tmp_path: Path) -
     """Offline, a name that is no local path and no cached dataset names both, and suggests the
     close local folder."""
     (tmp_path / "corpus").mkdir()
-    script = (
-        "from hf_cka.data import load_samples\n"
-        "from hf_cka.errors import DataNotFoundError\n"
-        "try:\n    load_samples('corpse')\n"
-        "except DataNotFoundError as err:\n    print('ERROR', err)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("ERROR no data file or folder 'corpse'"), done.stdout
-    assert "the Hub could not be reached" in done.stdout
-    assert done.stdout.rstrip().endswith("Did you mean './corpus'?"), done.stdout
+    out, _ = offline_error(tmp_path, "hf_cka.data.load_samples('corpse')", "DataNotFoundError")
+    assert out.startswith("ERROR no data file or folder 'corpse'"), out
+    assert "the Hub could not be reached" in out
+    assert out.rstrip().endswith("Did you mean './corpus'?"), out
 
 
 def test_an_unknown_hub_dataset_and_an_empty_folder(hub, tmp_path: Path) -> None:

@@ -21,17 +21,8 @@ TEXTS = probe_corpus()[:24]  # batch_size 4: six CKA batches
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A tiny BERT and a tiny GPT-2 (different tokenizers), saved once for the module."""
-    return {
-        "bert": str(tiny.save("bert", tmp_path_factory.mktemp("bert"))),
-        "gpt2": str(tiny.save("gpt2", tmp_path_factory.mktemp("gpt2"), seed=1)),
-    }
-
-
-@pytest.fixture(scope="module")
-def auto(folders: dict[str, str]) -> AutoCKA:
-    return AutoCKA.from_pretrained(folders["bert"], folders["gpt2"])
+def auto(bert_and_gpt2: dict[str, str]) -> AutoCKA:
+    return AutoCKA.from_pretrained(bert_and_gpt2["bert"], bert_and_gpt2["gpt2"])
 
 
 def run(auto: AutoCKA, data=TEXTS, **options) -> CKAResult:
@@ -170,25 +161,25 @@ def test_a_later_file_of_the_same_run_resumes_exactly_and_a_spliced_one_is_refus
         run(auto, checkpoint_dir=str(spliced), **plain)
 
 
-def test_changed_weights_or_dtype_are_refused(folders, tmp_path: Path) -> None:
-    bert = Path(shutil.copytree(folders["bert"], tmp_path / "bert"))
+def test_changed_weights_or_dtype_are_refused(bert_and_gpt2, tmp_path: Path) -> None:
+    bert = Path(shutil.copytree(bert_and_gpt2["bert"], tmp_path / "bert"))
     checkpoints = str(tmp_path / "checkpoints")
     with pytest.raises(KeyboardInterrupt):
         run(
-            AutoCKA.from_pretrained(str(bert), folders["gpt2"]),
+            AutoCKA.from_pretrained(str(bert), bert_and_gpt2["gpt2"]),
             checkpoint_dir=checkpoints,
             checkpoint_every=2,
             callback=interrupt_at(3),
         )
     with pytest.raises(ResultFormatError, match="weights, dtype"):
         run(
-            AutoCKA.from_pretrained(str(bert), folders["gpt2"], dtype="float64"),
+            AutoCKA.from_pretrained(str(bert), bert_and_gpt2["gpt2"], dtype="float64"),
             checkpoint_dir=checkpoints,
         )
     tiny.save("bert", tmp_path / "other", seed=7)  # the same architecture, other weights
     shutil.copy(tmp_path / "other" / "model.safetensors", bert / "model.safetensors")
     with pytest.raises(ResultFormatError, match="weights, dtype"):
-        run(AutoCKA.from_pretrained(str(bert), folders["gpt2"]), checkpoint_dir=checkpoints)
+        run(AutoCKA.from_pretrained(str(bert), bert_and_gpt2["gpt2"]), checkpoint_dir=checkpoints)
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_batch(auto, tmp_path: Path) -> None:

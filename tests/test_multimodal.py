@@ -406,27 +406,16 @@ def test_a_measure_result_round_trips_through_the_hub(
 
 
 def test_progress_counts_each_forward_once_for_a_model_reading_two_columns(
-    folders: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    folders: dict[str, str], bar_positions: list[float]
 ) -> None:
     """BERT on two text columns: two extractors on one module; each of the 4 forward passes of
     a 2-batch chunk (2 per column) moves the bar by half a batch, not twice that."""
-    from tqdm.auto import tqdm
-
-    positions: list[float] = []
-    original = tqdm.update
-
-    def record(self: tqdm, n: float = 1) -> bool | None:
-        shown = original(self, n)
-        positions.append(self.n)
-        return shown
-
-    monkeypatch.setattr(tqdm, "update", record)
     auto = AutoCKA.from_pretrained(folders["bert"])
     texts = tiny.varied_texts(8, seed=2)
     data = datasets.Dataset.from_dict({"a": texts, "b": texts[::-1]})
     auto.compare(data, column_a="a", column_b="b", batch_size=4, chunk_batches=2, max_length=16)
     # one update per forward pass (4), then the chunk's end and the run's end
-    assert positions == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0], positions
+    assert bar_positions == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0], bar_positions
 
 
 def test_mutual_knn_with_k_of_at_least_n_is_refused_before_any_forward(

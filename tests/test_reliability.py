@@ -27,7 +27,6 @@ import huggingface_hub.constants
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tiny
 import torch
 from helpers import subprocess_env
 from hub_server import user_for_token
@@ -56,23 +55,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A tiny BERT and a tiny GPT-2 (different tokenizers), saved once for the module."""
-    return {
-        "bert": str(tiny.save("bert", tmp_path_factory.mktemp("bert"))),
-        "gpt2": str(tiny.save("gpt2", tmp_path_factory.mktemp("gpt2"), seed=1)),
-    }
-
-
-@pytest.fixture(scope="module")
-def auto(folders: dict[str, str]) -> AutoCKA:
+def auto(bert_and_gpt2: dict[str, str]) -> AutoCKA:
     """BERT against GPT-2, for tests that do not change the models."""
-    return AutoCKA.from_pretrained(folders["bert"], folders["gpt2"])
+    return AutoCKA.from_pretrained(bert_and_gpt2["bert"], bert_and_gpt2["gpt2"])
 
 
-def fresh(folders: dict[str, str]) -> AutoCKA:
+def fresh(bert_and_gpt2: dict[str, str]) -> AutoCKA:
     """A newly loaded pair, for tests that change weights or modes."""
-    return AutoCKA.from_pretrained(folders["bert"], folders["gpt2"])
+    return AutoCKA.from_pretrained(bert_and_gpt2["bert"], bert_and_gpt2["gpt2"])
 
 
 def run(auto: AutoCKA, data=TEXTS, **options) -> CKAResult:
@@ -128,8 +118,8 @@ class Stack(nn.Module):
 # ----------------------------------------------------------------------------- faults in a run
 
 
-def test_nan_activations_name_the_layer_and_the_batch_and_leave_no_hook(folders) -> None:
-    auto = fresh(folders)
+def test_nan_activations_name_the_layer_and_the_batch_and_leave_no_hook(bert_and_gpt2) -> None:
+    auto = fresh(bert_and_gpt2)
     poisoned = token_only_in(auto.model_a.processor, TEXTS, 9)  # sample 9: CKA batch 2 of 0..5
     with torch.no_grad():
         auto.model_a.model.get_input_embeddings().weight[poisoned] = float("nan")
@@ -154,9 +144,9 @@ def test_engine_names_the_loader_batch_even_after_a_skipped_small_batch() -> Non
     assert re.search(r"\bbatch [23]\b", message), message  # index 2 from 0, 3 from 1 (callback)
 
 
-def test_constant_layer_gives_nan_cells_and_one_warning_end_to_end(folders, tmp_path) -> None:
+def test_constant_layer_gives_nan_cells_and_one_warning_end_to_end(bert_and_gpt2, tmp_path) -> None:
     """Zeroing a LayerNorm makes block 1's output, and so block 2's, the same for every text."""
-    auto = fresh(folders)
+    auto = fresh(bert_and_gpt2)
     norm = auto.model_a.model.encoder.layer[1].output.LayerNorm
     with torch.no_grad():
         norm.weight.zero_()
@@ -174,9 +164,9 @@ def test_constant_layer_gives_nan_cells_and_one_warning_end_to_end(folders, tmp_
     assert torch.equal(loaded.matrix.isnan(), result.matrix.isnan())
 
 
-def test_device_and_device_map_together_are_refused(folders) -> None:
+def test_device_and_device_map_together_are_refused(bert_and_gpt2) -> None:
     with pytest.raises(DeviceMismatchError, match="device.*device_map") as caught:
-        AutoCKA.from_pretrained(folders["bert"], device="cpu", device_map="auto")
+        AutoCKA.from_pretrained(bert_and_gpt2["bert"], device="cpu", device_map="auto")
     assert isinstance(caught.value, RuntimeError)
 
 
@@ -202,8 +192,8 @@ def test_engine_on_cuda_matches_cpu() -> None:
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
-def test_an_interrupted_compare_leaves_no_hook_and_keeps_modes(folders, fault) -> None:
-    auto = fresh(folders)
+def test_an_interrupted_compare_leaves_no_hook_and_keeps_modes(bert_and_gpt2, fault) -> None:
+    auto = fresh(bert_and_gpt2)
     before = modes(auto)
     with pytest.raises(fault, match="after batch 2"):
         run(auto, callback=interrupt_at(2, fault))
@@ -211,10 +201,10 @@ def test_an_interrupted_compare_leaves_no_hook_and_keeps_modes(folders, fault) -
     assert modes(auto) == before
 
 
-def test_compare_runs_in_eval_mode_and_restores_train_mode(folders) -> None:
+def test_compare_runs_in_eval_mode_and_restores_train_mode(bert_and_gpt2) -> None:
     """A model left in train mode (say, between fine-tuning steps) must not run with dropout,
     and must get its per-module modes back, also after an interrupt."""
-    auto = fresh(folders)
+    auto = fresh(bert_and_gpt2)
     reference = run(auto).matrix
     auto.model_a.model.train()
     auto.model_a.model.pooler.eval()  # mixed modes must come back module by module
@@ -343,9 +333,9 @@ def test_results_and_checkpoints_never_use_pickle(
 
 
 def test_weights_load_from_safetensors_when_a_pickle_sits_beside_them(
-    folders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bert_and_gpt2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folder = Path(shutil.copytree(folders["bert"], tmp_path / "both"))
+    folder = Path(shutil.copytree(bert_and_gpt2["bert"], tmp_path / "both"))
     weights = load_file(folder / "model.safetensors")
     torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, folder / "pytorch_model.bin")
 
@@ -415,12 +405,12 @@ def test_from_hub_validates_what_it_downloads(hub, tmp_path: Path) -> None:
 
 
 def test_the_token_never_leaks_from_a_compare_or_a_push(
-    hub, folders, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd
+    hub, bert_and_gpt2, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd
 ) -> None:
     user, tag = user_for_token(SECRET), uuid.uuid4().hex[:8]
     api = HfApi(token=SECRET)
     models = {}
-    for kind, folder in folders.items():
+    for kind, folder in bert_and_gpt2.items():
         models[kind] = api.create_repo(f"{user}/leak-{kind}-{tag}").repo_id
         api.upload_folder(repo_id=models[kind], folder_path=folder)
     caplog.set_level(logging.DEBUG)

@@ -3,7 +3,6 @@ permutation null."""
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import numpy as np
@@ -161,14 +160,7 @@ def test_sync_over_three_fake_processes_equals_one_process(debiased):
         ranks[b % 2].update(parts_a[b], parts_b[b])
     ranks[0].update(parts_a[5], parts_b[5])
     group = FakeProcessGroup(3)
-    threads = [
-        threading.Thread(target=rank.sync, args=(group.all_reduce_sum(r),))
-        for r, rank in enumerate(ranks)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    group.run(ranks)
     assert group.calls == [2, 2, 2]
     expected = full_data(feats_a, feats_b, debiased)
     for rank in ranks:
