@@ -41,7 +41,7 @@ from .storage import FINGERPRINT_TENSORS_FILE as TENSORS_FILE
 from .tokens import HubToken, clean_token
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from .hub import Operations
 
 SCHEMA_NAME = "hf_cka.Fingerprint"
 SCHEMA_VERSION = 1
@@ -322,23 +322,30 @@ class Fingerprint(Publishable):
 
     # ----------------------------------------------------------------------- Hub
     def _holds_this(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this fingerprint: the same records and tensors (compared in
+        memory; nothing is serialised)."""
         if not (folder / FINGERPRINT_FILE).is_file():
             return False
         try:
             saved = Fingerprint.load(folder)
         except ResultFormatError:
             return False
-        return saved._files()[FINGERPRINT_FILE] == self._files()[FINGERPRINT_FILE]
+        mine, theirs = self.features or {}, saved.features or {}
+        return (
+            json.loads(json.dumps(self._document(""))) == saved._document("")  # tuples as lists
+            and torch.equal(saved.distances, self.distances)
+            and mine.keys() == theirs.keys()
+            and all(torch.equal(theirs[layer], mine[layer].cpu()) for layer in mine)
+        )
 
     def _default_folder(self) -> Path:
         return default_folder(self.name)
 
-    def _commit_operations(
-        self, api: HfApi, repo_id: str, token: HubToken
-    ) -> tuple[list[CommitOperationAdd], str | None]:
-        from huggingface_hub import CommitOperationAdd
+    def _commit(self, repo_id: str, token: HubToken) -> Operations:
+        from .hub import operations
 
-        return [CommitOperationAdd(name, blob) for name, blob in self._files().items()], None
+        files = self._files()
+        return lambda api: (operations(files), None)
 
     def _commit_message(self) -> str:
         return f"Add the hf_cka fingerprint of {self.name}"

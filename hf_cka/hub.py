@@ -305,19 +305,17 @@ def reading(repo_id: str, revision: str | None, token: HubToken) -> Iterator[HfA
 # --------------------------------------------------------------------------- pushing
 
 
-def run_operations(
-    api: HfApi,
-    runs: Sequence[HubRun],
-    repo_id: str,
-    token: HubToken,
-    extra_files: Mapping[str, bytes],
-) -> tuple[list[CommitOperationAdd], str | None]:
-    """The commit that adds ``runs`` to ``repo_id``, and the revision it is built on.
+Operations = Callable[[HfApi], tuple[list[CommitOperationAdd], str | None]]
+"""One attempt's commit: its files, and the revision they were built on (None: any)."""
 
-    Per run ``data/scores/<run_id>.parquet``, ``data/runs/<run_id>.parquet`` and
-    ``plots/<run_id>.png``; then ``extra_files`` (by repo path, such as a grid's clustered
-    heatmap), and ``README.md`` and the index rewritten over the runs already there.
-    """
+
+def run_commit(
+    runs: Sequence[HubRun], repo_id: str, token: HubToken, extra_files: Mapping[str, bytes]
+) -> Operations:
+    """The commit that adds ``runs`` to ``repo_id``: per run ``data/scores/<run_id>.parquet``,
+    ``data/runs/<run_id>.parquet`` and ``plots/<run_id>.png``, then ``extra_files`` (by repo
+    path, such as a grid's clustered heatmap) -- serialised once, here -- and, at each attempt,
+    ``README.md`` and the index rewritten over the runs the repo holds then."""
     files: dict[str, bytes] = {}
     for run in runs:
         row = {name: run.record[name] for name in RUNS_SCHEMA.names}
@@ -326,19 +324,28 @@ def run_operations(
             pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
         )
         files[f"plots/{run.run_id}.png"] = run.png
-    existing = HubRuns.pin(api, repo_id, None, token)
-    index = {entry["run_id"]: entry for entry in existing.summaries(required=False)}
-    index.update((run.run_id, summary(run.record)) for run in runs)
-    document = {"schema": INDEX_SCHEMA, "schema_version": SCHEMA_VERSION, "runs": index}
     files |= extra_files
-    files["README.md"] = str(render_dataset_card(repo_id, list(index.values()))).encode("utf-8")
-    files[INDEX_FILE] = json.dumps(document).encode("utf-8")
-    return [CommitOperationAdd(path, data) for path, data in files.items()], existing.revision
+
+    def attempt(api: HfApi) -> tuple[list[CommitOperationAdd], str | None]:
+        existing = HubRuns.pin(api, repo_id, None, token)
+        index = {entry["run_id"]: entry for entry in existing.summaries(required=False)}
+        index.update((run.run_id, summary(run.record)) for run in runs)
+        document = {"schema": INDEX_SCHEMA, "schema_version": SCHEMA_VERSION, "runs": index}
+        card = str(render_dataset_card(repo_id, list(index.values()))).encode("utf-8")
+        rewritten = {"README.md": card, INDEX_FILE: json.dumps(document).encode("utf-8")}
+        return operations(files | rewritten), existing.revision
+
+    return attempt
+
+
+def operations(files: Mapping[str, bytes]) -> list[CommitOperationAdd]:
+    """One ``CommitOperationAdd`` per file, by repo path."""
+    return [CommitOperationAdd(path, data) for path, data in files.items()]
 
 
 def commit(
     repo_id: str,
-    operations: Callable[[HfApi], tuple[list[CommitOperationAdd], str | None]],
+    build: Operations,
     *,
     what: str,
     local_copy: Path,
@@ -348,9 +355,9 @@ def commit(
     max_attempts: int,
     backoff_s: float,
 ) -> CommitInfo:
-    """Create the dataset repo ``repo_id`` if missing and commit ``operations(api)`` to it.
+    """Create the dataset repo ``repo_id`` if missing and commit ``build(api)`` to it.
 
-    ``operations`` returns the files and the revision they were built on (None: any); the
+    ``build`` returns the files and the revision they were built on (None: any); the
     commit names that revision as its parent, so a concurrent push makes it fail with a
     conflict, and it is then rebuilt on the new head. Conflicts, HTTP 408/429/5xx and network
     errors are retried up to ``max_attempts`` times, waiting ``backoff_s * 2**k`` seconds (with
@@ -371,7 +378,7 @@ def commit(
             api.create_repo(
                 repo_id, repo_type="dataset", private=private, exist_ok=True, token=token
             )
-            files, parent = operations(api)
+            files, parent = build(api)
             return api.create_commit(
                 repo_id,
                 files,

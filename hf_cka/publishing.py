@@ -15,7 +15,9 @@ from .storage import validate_repo_id
 from .tokens import HubToken, clean_token
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+    from huggingface_hub import CommitInfo
+
+    from .hub import Operations
 
 
 class Publishable:
@@ -23,7 +25,7 @@ class Publishable:
 
     A subclass saves itself (:meth:`save`), recognises a folder that already holds it
     (:meth:`_holds_this`), names its default folder (:meth:`_default_folder`) and builds its
-    commit (:meth:`_commit_operations`, :meth:`_commit_message`, :meth:`_pushed_what`).
+    commit (:meth:`_commit`, :meth:`_commit_message`, :meth:`_pushed_what`).
     """
 
     def save(self, directory: str | Path) -> Path:
@@ -35,11 +37,9 @@ class Publishable:
     def _default_folder(self) -> Path:
         raise NotImplementedError
 
-    def _commit_operations(
-        self, api: HfApi, repo_id: str, token: HubToken
-    ) -> tuple[list[CommitOperationAdd], str | None]:
-        """The files of the commit to ``repo_id`` and the revision they were read from (None:
-        built without reading the repo)."""
+    def _commit(self, repo_id: str, token: HubToken) -> Operations:
+        """The commit to ``repo_id``: its files are serialised once, here; the function returned
+        is called at each attempt."""
         raise NotImplementedError
 
     def _commit_message(self) -> str:
@@ -65,7 +65,7 @@ class Publishable:
         A result adds its run(s) and keeps the runs already there: per run
         ``data/scores/<run_id>.parquet``, ``data/runs/<run_id>.parquet`` and
         ``plots/<run_id>.png``, and it rewrites ``README.md`` and the index of runs
-        (:func:`hf_cka.hub.run_operations`); a concurrent push is detected and the commit
+        (:func:`hf_cka.hub.run_commit`); a concurrent push is detected and the commit
         rebuilt. A fingerprint writes ``fingerprint.json``, ``fingerprint.safetensors`` and its
         ``README.md``, replacing an earlier fingerprint in that repo. Conflicts, HTTP
         408/429/5xx and network errors are retried up to ``max_attempts`` times, waiting
@@ -99,7 +99,7 @@ class Publishable:
         cleaned = clean_token(token)
         return hub.commit(
             repo_id,
-            lambda api: self._commit_operations(api, repo_id, cleaned),
+            self._commit(repo_id, cleaned),
             what=self._pushed_what(),
             local_copy=local,
             private=private,

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 import numpy as np
 import pyarrow as pa
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi
 
 from hf_cka import hub, storage
 from hf_cka.errors import InvalidInputError, ResultFormatError, suggest
@@ -154,11 +153,9 @@ class Stored(Publishable):
     def _default_folder(self) -> Path:
         return DEFAULT_LOCAL_ROOT / self._id
 
-    def _commit_operations(
-        self, api: HfApi, repo_id: str, token: HubToken
-    ) -> tuple[list[CommitOperationAdd], str | None]:
+    def _commit(self, repo_id: str, token: HubToken) -> hub.Operations:
         runs = [run._hub_run() for run in self._runs()]
-        return hub.run_operations(api, runs, repo_id, token, self._hub_extras())
+        return hub.run_commit(runs, repo_id, token, self._hub_extras())
 
     def _commit_message(self) -> str:
         return f"Add CKA {self._KIND} {self._id} ({len(self._runs())} run(s))"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from huggingface_hub import CommitInfo, snapshot_download
 
+import hf_cka.hub
 from hf_cka.drift import DriftResult
 from hf_cka.errors import HubPushError, HubReadError, ResultFormatError
 from hf_cka.result import CKAResult
@@ -108,13 +109,19 @@ def test_from_hub_pins_a_revision(hub, repo_id: str, tmp_path: Path) -> None:
     assert_same(CKAResult.from_hub(repo_id, revision=old_head), first)
 
 
-def test_transient_errors_are_retried(hub, repo_id: str, tmp_path: Path) -> None:
+def test_transient_errors_are_retried(hub, repo_id: str, tmp_path: Path, monkeypatch) -> None:
     result = make_result(5)
+    serialised = []
+    to_parquet = hf_cka.hub._parquet_bytes
+    monkeypatch.setattr(
+        hf_cka.hub, "_parquet_bytes", lambda table: serialised.append(1) or to_parquet(table)
+    )
     info_path = f"/api/datasets/{repo_id}"
     before = sum(info_path in r.path for r in hub.requests)
     hub.fail_next(2, 500, match=repo_id)
     result.push_to_hub(repo_id, local_dir=tmp_path / "run", **FAST)
     assert sum(info_path in r.path for r in hub.requests) - before >= 3  # two 500s, then 200
+    assert len(serialised) == 2  # the run's scores and runs tables, once for the 3 attempts
     assert_same(CKAResult.from_hub(repo_id), result)
 
 
@@ -218,7 +225,7 @@ def downloads(hub, repo_id: str, since: int) -> int:
 
 
 def test_push_and_latest_cost_the_same_at_run_2_and_run_20(hub, repo_id: str, tmp_path) -> None:
-    from hf_cka.hub import commit, run_operations
+    from hf_cka.hub import commit, run_commit
 
     def result(seed: int) -> CKAResult:
         return make_result(100 + seed, created_at=f"2026-01-01T00:00:{seed:02d}+00:00")
@@ -227,7 +234,7 @@ def test_push_and_latest_cost_the_same_at_run_2_and_run_20(hub, repo_id: str, tm
     for seed in (0, 1, 19):
         if seed == 19:  # runs 3 to 19 land in one commit, as a drift's or a grid's runs do
             runs = [result(s)._hub_run() for s in range(2, 19)]
-            commit(repo_id, lambda api, runs=runs: run_operations(api, runs, repo_id, None, {}),
+            commit(repo_id, run_commit(runs, repo_id, None, {}),
                    what="17 runs", local_copy=tmp_path, private=None, token=None,
                    commit_message="runs 3-19", max_attempts=1, backoff_s=0.01)  # fmt: skip
         start = len(hub.requests)
